@@ -1,0 +1,276 @@
+"""The `klbench` command: run | eval | verify | report | bench.
+
+`run` and `eval` are Hydra apps over `conf/` (with `recipes/` as the `recipe` group). Before
+Hydra starts any job, every job of the invocation (each point of a `-m` sweep, recipe sweeps
+included) is composed and validated, so a typo fails in one line before any work is done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+from pathlib import Path
+
+USAGE = """usage: klbench <command> [args]
+
+commands:
+  run      train one experiment, or a sweep with -m (Hydra overrides: kl=k3_as_loss kl.coef=0.5 ...)
+  eval     evaluate a model on benchmarks (model.name_or_path=... data=math500 eval.samples=4)
+  verify   check the paper's KL-gradient claims exactly on klbench's loss code
+  report   turn a sweep directory into tables, plots and a manifest
+  bench    benchmark klbench against TRL GRPOTrainer on identical work
+
+`klbench <command> --help` shows each command's options (run/eval: Hydra's help, config groups).
+"""
+
+#: Sweeps larger than this are not pre-validated point by point (the base config still is).
+MAX_PREVALIDATE = 512
+
+
+# -- locations ------------------------------------------------------------------------------
+def _here() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def conf_dir() -> Path:
+    src = _here().parent / "conf"
+    return src if (src / "config.yaml").exists() else _here() / "_conf"
+
+
+def recipes_dir() -> Path:
+    src = _here().parent / "recipes"
+    return src if src.is_dir() and (_here().parent / "conf" / "config.yaml").exists() else _here() / "_recipes"
+
+
+def register_recipes() -> None:
+    """Expose recipes/<path>.yaml as the Hydra option `recipe=<path>` (a global-package preset)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    cs = ConfigStore.instance()
+    root = recipes_dir()
+    for path in sorted(root.rglob("*.yaml")):
+        rel = path.relative_to(root).with_suffix("")
+        group = "/".join(("recipe", *rel.parts[:-1]))
+        cs.store(group=group, name=rel.parts[-1], node=OmegaConf.load(path), package="_global_")
+
+
+def register() -> None:
+    from klbench.config import register_configs
+
+    register_configs()
+    register_recipes()
+
+
+# -- one-line errors --------------------------------------------------------------------------
+def _section_keys(full_key: str) -> str:
+    """The keys allowed next to `full_key` (e.g. 'kl.coeff' → the fields of KLConfig)."""
+    import dataclasses
+
+    from klbench.config import Config
+
+    node = Config()
+    parts = full_key.split(".")[:-1]
+    for p in parts:
+        node = getattr(node, p, None)
+        if not dataclasses.is_dataclass(node):
+            return ""
+    names = [f.name for f in dataclasses.fields(node)]
+    where = ".".join(parts) or "the top level"
+    return f"; keys allowed at {where}: {', '.join(names)}"
+
+
+def one_line(exc: BaseException) -> str:
+    """A user-facing one-line message for a config/composition error."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    chain, e = [], exc
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
+            msg = str(e).strip().splitlines()[0]
+            if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
+                return f"unknown config key '{e.full_key}'{_section_keys(e.full_key)}"
+            return f"{e.full_key}: {msg}"
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "Available options" in text:
+        head = lines[0]
+        i = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
+        return f"{head}; {lines[i].rstrip(':').lower()}: {', '.join(lines[i + 1:])}"
+    return "; ".join(lines[:2]) if lines else type(exc).__name__
+
+
+def fail(msg: str, code: int = 2) -> None:
+    print(f"klbench: error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# -- pre-validation ---------------------------------------------------------------------------
+HYDRA_FLAGS_WITH_ARG = {"--cfg", "-c", "--package", "-p", "--info", "--config-path", "-cp", "--config-name",
+                        "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str], bool]:
+    """(overrides, hydra flags, multirun?) of a `klbench run` command line."""
+    overrides, flags, multirun, i = [], [], False, 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-m", "--multirun"):
+            multirun = True
+            flags.append(a)
+        elif a.startswith("-"):
+            flags.append(a)
+            if a in HYDRA_FLAGS_WITH_ARG and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                i += 1
+                flags.append(argv[i])
+        else:
+            overrides.append(a)
+        i += 1
+    return overrides, flags, multirun
+
+
+def expand(overrides: list[str], multirun: bool, extra_sweeps: dict | None = None) -> list[list[str]]:
+    """Every job's override list (the cartesian product of sweep overrides)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    keys = {ov.get_key_element() for ov in parsed}
+    if extra_sweeps:
+        parsed += parser.parse_overrides([f"{k}={v}" for k, v in extra_sweeps.items() if k not in keys])
+    axes = []
+    for ov in parsed:
+        if ov.get_key_element().lstrip("+~").startswith("hydra"):
+            continue
+        if ov.is_sweep_override():
+            if not multirun:
+                fail(f"'{ov.input_line}' is a sweep: add -m (klbench run -m {ov.input_line})")
+            axes.append([f"{ov.get_key_element()}={v}" for v in ov.sweep_string_iterator()])
+        else:
+            axes.append([ov.input_line])
+    return [list(c) for c in itertools.product(*axes)]
+
+
+def prevalidate(overrides: list[str], multirun: bool, config_name: str = "config") -> None:
+    """Compose and validate every job of the invocation; exit with one line on the first error."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from klbench.config import to_config
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="klbench"):
+            base_ov = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+            try:
+                jobs = expand(overrides, multirun)
+                first = compose(config_name, overrides=[o for o in jobs[0]], return_hydra_config=True)
+                params = first.hydra.sweeper.get("params") if multirun else None
+                sweeps = OmegaConf.to_container(params) if params else {}
+                jobs = expand(base_ov, multirun, extra_sweeps=sweeps)
+                for job in jobs[:MAX_PREVALIDATE]:
+                    to_config(compose(config_name, overrides=job))
+            except SystemExit:
+                raise
+            except Exception as e:  # noqa: BLE001 - every composition error becomes one line
+                fail(one_line(e))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+# -- hydra tasks --------------------------------------------------------------------------------
+def _job_context():
+    """(run_dir, sweep name or None, tags) of the current Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    sweep = Path(hc.sweep.dir).name if multirun else None
+    if multirun:
+        sweep = f"{Path(hc.sweep.dir).parent.name}_{sweep}"
+    tags = [o for o in hc.overrides.task if not o.startswith(("hydra", "logger", "trainer.threads"))]
+    return run_dir, sweep, tags, multirun
+
+
+def run_task(dcfg) -> dict | None:
+    """Hydra's task for `klbench run`: one experiment in the job's output directory."""
+    from klbench.config import ConfigError, to_config
+    from klbench.errors import KlbenchError
+    from klbench.train.run import run_experiment
+
+    run_dir, sweep, tags, multirun = _job_context()
+    try:
+        cfg = to_config(dcfg)
+        return run_experiment(cfg, run_dir, sweep=sweep, tags=tags)
+    except (KlbenchError, ConfigError) as e:
+        if multirun:  # one failed job must not stop the sweep; it is listed at the end and by `report`
+            print(f"klbench: job {run_dir.name} failed: {e}", file=sys.stderr)
+            return None
+        fail(str(e), code=1)
+    except Exception as e:
+        if multirun:
+            import traceback
+
+            (run_dir / "error.log").write_text(traceback.format_exc())
+            print(f"klbench: job {run_dir.name} failed: {type(e).__name__}: {e} (see {run_dir / 'error.log'})",
+                  file=sys.stderr)
+            return None
+        raise
+
+
+def hydra_app(task, argv: list[str], prog: str, config_name: str = "config") -> None:
+    import hydra
+
+    register()
+    overrides, flags, multirun = split_argv(argv)
+    if not any(f in ("--help", "-h", "--hydra-help", "--info", "-i", "--version") for f in flags):
+        prevalidate(overrides, multirun, config_name)
+    sys.argv = [prog, *argv]
+    hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(task)()
+    from klbench.train.sweep import FAILED
+
+    if multirun and FAILED:
+        fail(f"{len(FAILED)} sweep job(s) did not complete (listed above)", code=1)
+
+
+# -- entry point --------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=os.environ.get("KLBENCH_LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        hydra_app(run_task, rest, "klbench run")
+    elif cmd == "eval":
+        from klbench.evaluate import eval_task
+
+        hydra_app(eval_task, rest, "klbench eval")
+    elif cmd == "verify":
+        from klbench.theory import main as verify_main
+
+        raise SystemExit(verify_main(rest))
+    elif cmd == "report":
+        from klbench.report import main as report_main
+
+        raise SystemExit(report_main(rest))
+    elif cmd == "bench":
+        from klbench.bench import main as bench_main
+
+        raise SystemExit(bench_main(rest))
+    else:
+        print(USAGE, file=sys.stderr)
+        fail(f"unknown command {cmd!r}; commands: run, eval, verify, report, bench")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""Typed configuration: one dataclass per Hydra group, validated before any work starts.
+
+Hydra composes `conf/config.yaml` on top of these schemas (registered in the ConfigStore as
+`base_config`), so an unknown key or a wrongly typed value fails at composition time. Value
+constraints (a negative `kl.coef`, `algo.group_size < 2`, ...) live in `__post_init__` and run
+when `to_config()` turns the composed DictConfig into these objects. Every error is one line
+that names the key and what is allowed. Defaults live here, nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from klbench.errors import KlbenchError
+
+# Allowed values of the string-valued choices (validated in __post_init__).
+ESTIMATORS = ("k1", "k2", "k3")
+PLACEMENTS = ("none", "reward", "loss", "both")
+LEVELS = ("token", "sequence")
+OFF_POLICY = ("none", "sg_ratio", "ratio")
+CONTROLLERS = ("fixed", "adaptive")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum")
+ENGINES = ("hf", "vllm")
+BACKENDS = ("torch", "deepspeed")
+SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+SOURCES = ("synthetic", "jsonl", "parquet", "hub")
+ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
+BAD_ROW = ("error", "skip")
+TEMPLATES = ("raw", "plain", "chat")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+class ConfigError(KlbenchError, ValueError):
+    """A user-fixable configuration mistake; its message is one line naming the key."""
+
+
+def _choice(section: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{name}={value!r} is not valid; allowed: {', '.join(allowed)}")
+
+
+def _check(ok: bool, section: str, name: str, value: Any, requirement: str) -> None:
+    if not ok:
+        raise ConfigError(f"{section}.{name}={value!r} is not valid; {requirement}")
+
+
+@dataclass
+class KLConfig:
+    """The whole KL term (see THEORY.md and klbench.kl)."""
+
+    coef: float = 0.2  # beta
+    estimator: str = "k2"  # k1 | k2 | k3
+    placement: str = "loss"  # none | reward | loss | both
+    level: str = "token"  # token | sequence
+    reward_to_go: bool = True  # in-reward at token level: sum future penalties into returns
+    off_policy: str = "none"  # none | sg_ratio | ratio: IS weight on the loss term
+    ratio_clip: float | None = None  # truncate the IS ratio at this value
+    log_ratio_clamp: float | None = 20.0  # clamp |log pi - log pi_ref| before exp() in k3
+    controller: str = "fixed"  # fixed | adaptive
+    target: float = 1.0  # adaptive: target kl/rkl_k1 (nats per sequence)
+    horizon: int = 10000  # adaptive: samples over which the error is corrected
+
+    def __post_init__(self) -> None:
+        _check(self.coef >= 0, "kl", "coef", self.coef, "must be >= 0")
+        _choice("kl", "estimator", self.estimator, ESTIMATORS)
+        _choice("kl", "placement", self.placement, PLACEMENTS)
+        _choice("kl", "level", self.level, LEVELS)
+        _choice("kl", "off_policy", self.off_policy, OFF_POLICY)
+        _choice("kl", "controller", self.controller, CONTROLLERS)
+        if self.ratio_clip is not None:
+            _check(self.ratio_clip > 0, "kl", "ratio_clip", self.ratio_clip, "must be > 0 or null")
+        if self.log_ratio_clamp is not None:
+            _check(self.log_ratio_clamp > 0, "kl", "log_ratio_clamp", self.log_ratio_clamp, "must be > 0 or null")
+        _check(self.target > 0, "kl", "target", self.target, "must be > 0")
+        _check(self.horizon >= 1, "kl", "horizon", self.horizon, "must be >= 1")
+        if self.off_policy != "none":
+            _check(
+                self.placement in ("loss", "both"), "kl", "off_policy", self.off_policy,
+                "an IS weight applies to a KL *loss*: set kl.placement=loss or both",
+            )
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm start of the miniature from scratch (π_ref and the RL initialisation)."""
+
+    max_steps: int = 600
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    target_acc: float = 0.38  # stop once sampled accuracy (temperature 1) reaches this
+    eval_every: int = 10
+    eval_prompts: int = 256
+    trait_rate: float = 0.05  # fraction of SFT answers that carry the rare trait (a trailing space)
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, "model.sft", "max_steps", self.max_steps, "must be >= 1")
+        _check(0 < self.target_acc <= 1, "model.sft", "target_acc", self.target_acc, "must be in (0, 1]")
+        _check(0 <= self.trait_rate < 1, "model.sft", "trait_rate", self.trait_rate, "must be in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None  # local dir or hub id; null = the embedded miniature
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    # The miniature (used when name_or_path is null): a Qwen2 causal LM built in code.
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    def __post_init__(self) -> None:
+        _choice("model", "dtype", self.dtype, DTYPES)
+        _check(self.hidden_size % self.num_heads == 0, "model", "hidden_size", self.hidden_size,
+               f"must be divisible by model.num_heads={self.num_heads}")
+
+
+@dataclass
+class PromptConfig:
+    template: str = "plain"  # raw: the question as is | plain: question + instruction | chat: tokenizer chat template
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("data.prompt", "template", self.template, TEMPLATES)
+
+
+@dataclass
+class DataConfig:
+    name: str = "arithmetic"  # label in metrics (eval/<name>/...)
+    source: str = "synthetic"  # synthetic | jsonl | parquet | hub
+    path: str | None = None  # file or directory (jsonl/parquet), or hub id
+    split: str = "train"
+    eval_split: str | None = None  # held-out split for eval.datasets=[this preset]
+    question_key: str = "question"
+    answer_key: str = "answer"
+    answer_format: str = "plain"  # plain | gsm8k ('#### n') | boxed (last \boxed{} of answer_key)
+    id_key: str | None = None
+    shuffle: bool = True
+    limit: int | None = None  # keep only the first N rows (after shuffling)
+    on_bad_row: str = "error"  # error | skip
+    reward: str = "auto"  # auto | math | arithmetic | 'module:function'
+    reward_timeout_s: float = 5.0
+    format_reward: float = 0.0  # added when the answer is inside \boxed{}
+    trait_bonus: float = 0.5  # arithmetic: bonus for the rare trait of π_ref (trailing space)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def __post_init__(self) -> None:
+        _choice("data", "source", self.source, SOURCES)
+        _choice("data", "answer_format", self.answer_format, ANSWER_FORMATS)
+        _choice("data", "on_bad_row", self.on_bad_row, BAD_ROW)
+        if self.source != "synthetic":
+            _check(bool(self.path), "data", "path", self.path, f"data.source={self.source} needs data.path")
+        if self.limit is not None:
+            _check(self.limit >= 1, "data", "limit", self.limit, "must be >= 1 or null")
+        _check(self.reward_timeout_s > 0, "data", "reward_timeout_s", self.reward_timeout_s, "must be > 0")
+        _check(self.trait_bonus >= 0, "data", "trait_bonus", self.trait_bonus, "must be >= 0")
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "grpo"  # grpo | dr_grpo (no std) | rloo | reinforce_pp
+    group_size: int = 8  # G samples per prompt
+    prompts_per_step: int = 16  # B prompts per step
+    ppo_epochs: int = 1
+    mini_batch_size: int | None = None  # samples per optimizer step; null = all B*G
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # asymmetric clip (DAPO); null = clip_eps
+    loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean | token_mean | seq_mean_token_sum
+    std_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _choice("algo", "advantage", self.advantage, ADVANTAGES)
+        _choice("algo", "loss_agg", self.loss_agg, LOSS_AGGS)
+        if self.advantage in ("grpo", "dr_grpo", "rloo"):
+            _check(self.group_size >= 2, "algo", "group_size", self.group_size,
+                   f"must be >= 2 for algo.advantage={self.advantage} (group baselines need 2+ samples)")
+        else:
+            _check(self.group_size >= 1, "algo", "group_size", self.group_size, "must be >= 1")
+        _check(self.prompts_per_step >= 1, "algo", "prompts_per_step", self.prompts_per_step, "must be >= 1")
+        _check(self.ppo_epochs >= 1, "algo", "ppo_epochs", self.ppo_epochs, "must be >= 1")
+        n = self.group_size * self.prompts_per_step
+        if self.mini_batch_size is not None:
+            _check(self.mini_batch_size >= 1 and n % self.mini_batch_size == 0, "algo", "mini_batch_size",
+                   self.mini_batch_size, f"must divide algo.group_size * algo.prompts_per_step = {n}")
+        _check(self.clip_eps > 0, "algo", "clip_eps", self.clip_eps, "must be > 0")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf | vllm
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 14
+    staleness: int = 0  # sample with the policy from this many updates ago (off-policy experiments)
+    check_logprobs: bool = False  # recompute behaviour log-probs with the trainer and log the mismatch
+    max_logprob_mismatch: float = 0.05  # stop the run when max |Δ logp| exceeds this
+    # vLLM
+    gpu_memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1
+    enable_sleep_mode: bool = False
+    kv_cache_gib: float = 2.0  # vLLM-cpu KV cache size
+    enforce_eager: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("rollout", "engine", self.engine, ENGINES)
+        _check(self.temperature > 0, "rollout", "temperature", self.temperature, "must be > 0")
+        _check(0 < self.top_p <= 1, "rollout", "top_p", self.top_p, "must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, "rollout", "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _check(self.staleness >= 0, "rollout", "staleness", self.staleness, "must be >= 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "trainer.deepspeed", "zero_stage", self.zero_stage, "allowed: 0, 1, 2, 3")
+
+
+@dataclass
+class TrainerConfig:
+    backend: str = "torch"  # torch | deepspeed
+    steps: int = 200
+    lr: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lr_schedule: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+    threads: int | None = None  # torch CPU threads; null = all cores
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 1
+    samples_per_log: int = 4  # sampled generations written to samples.jsonl per logged step
+    save_every: int = 0  # checkpoint every N steps (0: only the final policy)
+    keep_last: int = 2
+    resume: str | None = None  # auto | path to a checkpoint
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self) -> None:
+        _choice("trainer", "backend", self.backend, BACKENDS)
+        _choice("trainer", "lr_schedule", self.lr_schedule, SCHEDULES)
+        _check(self.steps >= 1, "trainer", "steps", self.steps, "must be >= 1")
+        _check(self.lr > 0, "trainer", "lr", self.lr, "must be > 0")
+        _check(self.grad_clip >= 0, "trainer", "grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
+        _check(self.log_every >= 1, "trainer", "log_every", self.log_every, "must be >= 1")
+        _check(self.save_every >= 0, "trainer", "save_every", self.save_every, "must be >= 0")
+        _check(self.keep_last >= 1, "trainer", "keep_last", self.keep_last, "must be >= 1")
+        _check(self.device in ("auto", "cpu", "cuda"), "trainer", "device", self.device, "allowed: auto, cpu, cuda")
+        if self.threads is not None:
+            _check(self.threads >= 1, "trainer", "threads", self.threads, "must be >= 1 or null")
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    mode: str = "auto"  # auto: online if logged in (or WANDB_MODE says so), else offline
+    project: str = "klbench"
+    entity: str | None = None
+    group: str | None = None  # default: the sweep name in a multirun
+    tags: list[str] = field(default_factory=list)
+    progress: bool = True  # the console progress bar
+
+    def __post_init__(self) -> None:
+        _choice("logger", "mode", self.mode, WANDB_MODES)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every N steps during `run` (0: never during training)
+    at_end: bool = False  # evaluate once after the last step
+    datasets: list[str] = field(default_factory=list)  # data presets to evaluate on (default: the training data)
+    samples: int = 4  # k in acc@k / pass@k / maj@k
+    greedy: bool = True  # also report greedy accuracy
+    limit: int | None = 64  # problems per dataset
+    temperature: float = 1.0
+    max_new_tokens: int | None = None  # null: rollout.max_new_tokens
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "eval", "every", self.every, "must be >= 0")
+        _check(self.samples >= 1, "eval", "samples", self.samples, "must be >= 1")
+        if self.limit is not None:
+            _check(self.limit >= 1, "eval", "limit", self.limit, "must be >= 1 or null")
+
+
+@dataclass
+class Config:
+    kl: KLConfig = field(default_factory=KLConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    name: str = "klbench"  # experiment name (W&B run name prefix, sweep group)
+
+
+def register_configs() -> None:
+    """Put the schemas into Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+def to_config(cfg: Any) -> Config:
+    """Composed DictConfig → validated `Config` objects (raises ConfigError on a bad value)."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), container))

@@ -1,0 +1,105 @@
+"""The Hugging Face rollout engine: sampling with the trainer's own model and its KV cache.
+
+It drives the model's forward pass with a `DynamicCache` instead of calling `generate()`, for
+three reasons: the behaviour log-probs are those of the exact distribution sampled from
+(temperature and top-p applied), sampling uses a seeded `torch.Generator` so a run is
+reproducible, and no per-step logits-processor machinery runs (the miniature is overhead-bound).
+It samples from a live module (the policy, or the loop's lagged copy for stale rollouts), so a
+weight sync costs nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from klbench.rollout.base import RolloutBatch, SamplingParams
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists → (ids [N, P], mask [N, P])."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Log-probs `[N, V]` restricted to the smallest set with mass ≥ top_p, renormalised."""
+    if top_p >= 1.0:
+        return logp
+    sorted_logp, order = logp.sort(dim=-1, descending=True)
+    cum = sorted_logp.exp().cumsum(-1)
+    drop_sorted = (cum - sorted_logp.exp()) >= top_p  # mass before this token already reaches top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+
+
+class HFEngine:
+    """Samples with an HF causal LM (the trainer's policy, or a lagged copy for stale rollouts)."""
+
+    def __init__(self, model: torch.nn.Module, *, pad_id: int, eos_id: int):
+        self.pad_id, self.eos_id = pad_id, eos_id
+        self.model = model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
+        from transformers import DynamicCache
+
+        model, dev = self.model, self.device
+        was_training = model.training
+        model.eval()
+        rows = [p for p in prompts for _ in range(params.n)]
+        prompt_ids, prompt_mask = left_pad(rows, self.pad_id)  # [N, P]
+        n = prompt_ids.shape[0]
+        gen = torch.Generator(device=dev).manual_seed(params.seed)
+
+        ids, attn = prompt_ids.to(dev), prompt_mask.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [N, P]
+        cache = DynamicCache()
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        next_pos = pos[:, -1:] + 1  # [N, 1]
+        tokens, logps = [], []
+        finished = torch.zeros(n, dtype=torch.bool, device=dev)
+        alive = []
+        for t in range(params.max_new_tokens):
+            logp = torch.log_softmax(out.logits[:, -1].float() / params.temperature, dim=-1)  # [N, V]
+            logp = top_p_filter(logp, params.top_p)
+            tok = torch.multinomial(logp.exp(), 1, generator=gen)  # [N, 1]
+            tok_logp = logp.gather(-1, tok).squeeze(-1)  # [N]
+            alive.append(~finished)
+            tokens.append(torch.where(finished, self.pad_id, tok.squeeze(-1)))
+            logps.append(torch.where(finished, 0.0, tok_logp))
+            finished = finished | (tok.squeeze(-1) == self.eos_id)
+            if bool(finished.all()) or t == params.max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=dev)], dim=1)
+            out = model(input_ids=tokens[-1][:, None], attention_mask=attn, position_ids=next_pos,
+                        past_key_values=out.past_key_values, use_cache=True)
+            next_pos = next_pos + 1
+        if was_training:
+            model.train()
+        response_mask = torch.stack(alive, 1).float()  # [N, R]
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=torch.stack(tokens, 1).cpu(),
+            response_mask=response_mask.cpu(),
+            behaviour_logp=torch.stack(logps, 1).float().cpu(),
+            group=torch.arange(len(prompts)).repeat_interleave(params.n),
+        )
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Sample from `model` from now on (the loop passes the module it keeps current)."""
+        self.model = model
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,80 @@
+"""Policy-update backends: plain torch (optionally DDP) and DeepSpeed, behind one small interface.
+
+A backend owns the optimizer and LR schedule. `model` is what training forwards must go through
+(the DDP / DeepSpeed wrapper), `step(loss)` does backward + clip + optimizer step and returns the
+pre-clip gradient norm, `end_of_step()` advances the schedule once per RL step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from klbench.config import TrainerConfig
+from klbench.train.runstate import Dist
+
+
+def lr_lambda(cfg: TrainerConfig):
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+class TorchBackend:
+    def __init__(self, cfg: TrainerConfig, model: torch.nn.Module, dist: Dist):
+        self.cfg, self.module = cfg, model
+        self.model = model
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            dev = next(model.parameters()).device
+            self.model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.opt = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def step(self, loss: torch.Tensor) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        self.opt.step()
+        return float(norm)
+
+    def end_of_step(self) -> None:
+        self.sched.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+
+def build_backend(cfg: TrainerConfig, model: torch.nn.Module, dist: Dist):
+    if cfg.backend == "torch":
+        return TorchBackend(cfg, model, dist)
+    if cfg.backend == "deepspeed":
+        from klbench.train.ds_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg, model, dist)
+    raise ValueError(f"unknown trainer.backend {cfg.backend!r}; expected torch or deepspeed")

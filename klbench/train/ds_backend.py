@@ -1,0 +1,192 @@
+"""DeepSpeed policy updates (ZeRO stage 0-3, optional CPU offload) behind the backend interface.
+
+`DeepSpeedBackend` is a drop-in for `TorchBackend` (klbench.train.backends): `model` is the
+DeepSpeed engine that training forwards go through, `step(loss)` is `engine.backward(loss)` +
+`engine.step()` and returns the pre-clip gradient norm, `end_of_step()` advances the LR schedule.
+
+How the loop's batches map onto DeepSpeed's batch settings. The loop makes exactly one optimizer
+step per mini-batch, and its loss is already the mean over that mini-batch, so DeepSpeed must
+neither accumulate nor rescale: `gradient_accumulation_steps = 1` (every `engine.step()` is an
+optimizer step and `engine.backward` divides the loss by 1), `train_micro_batch_size_per_gpu` =
+the samples one rank holds in a mini-batch, and `train_batch_size` = that times the number of
+ranks (DeepSpeed asserts exactly this product). Nothing reads these sizes except DeepSpeed's
+throughput bookkeeping, so any mini-batch size passes the assertions.
+
+Deliberate choices:
+- The optimizer is the client's `torch.optim.AdamW` with the torch backend's lr/betas/weight
+  decay (DeepSpeed's own "AdamW" would JIT-build a fused op), or `DeepSpeedCPUAdam` (AdamW mode)
+  when the optimizer state is offloaded from a GPU.
+- The `LambdaLR` of `klbench.train.backends.lr_lambda` is NOT handed to `deepspeed.initialize`:
+  the engine steps a scheduler it owns at every optimizer step, while klbench's schedule advances
+  once per RL step (`end_of_step`), whatever the number of mini-batches and PPO epochs. It
+  schedules the client optimizer's param groups, which the ZeRO optimizers share.
+- Precision follows the model's dtype: bf16 parameters → DeepSpeed bf16 (fp32 master weights and
+  optimizer state), fp32 → fp32 (the CPU default). fp16 is refused: its loss-scale overflow steps
+  would be skipped, which the loop treats as a non-finite failure.
+- Single process without a launcher: DeepSpeed wants a process group and `LOCAL_RANK`; we set the
+  launcher's env defaults and join a one-process group backed by an in-memory store (no port).
+  On CPU DeepSpeed's communication backend is gloo (ccl only with oneccl_bindings_for_pytorch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from klbench.config import TrainerConfig
+from klbench.errors import KlbenchError
+from klbench.train.backends import lr_lambda
+from klbench.train.runstate import Dist
+
+log = logging.getLogger(__name__)
+
+#: Tag of the one checkpoint `save(dir)` writes (DeepSpeed keeps it under `dir/TAG/`).
+TAG = "state"
+
+
+def ds_config(cfg: TrainerConfig, *, dtype: torch.dtype, device: torch.device, world: int,
+              micro_batch_size: int = 1) -> dict:
+    """The DeepSpeed config dict for `cfg` (see the module docstring for the batch sizes)."""
+    ds = cfg.deepspeed
+    if dtype == torch.float16:
+        raise KlbenchError("trainer.backend=deepspeed does not train float16 models (loss-scale overflow steps "
+                           "are skipped, which the loop reports as non-finite); set model.dtype=bfloat16 or float32")
+    zero: dict = {"stage": ds.zero_stage}
+    pin = device.type == "cuda"
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * world,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": False},
+        # the client AdamW (not DeepSpeed's fused one) is what the torch backend uses
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def join_single_process_group() -> None:
+    """What a launcher would provide, for a single process started without one."""
+    import torch.distributed as tdist
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    if int(os.environ["WORLD_SIZE"]) != 1:
+        raise KlbenchError("WORLD_SIZE > 1 but no process group: launch with torchrun or deepspeed")
+    if not tdist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
+
+
+def build_optimizer(cfg: TrainerConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.weight_decay}
+    if cfg.deepspeed.offload_optimizer and device.type == "cuda":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+class DeepSpeedBackend:
+    """ZeRO-sharded AdamW updates; see the module docstring for the DeepSpeed settings."""
+
+    def __init__(self, cfg: TrainerConfig, model: torch.nn.Module, dist: Dist, micro_batch_size: int = 1):
+        import deepspeed
+
+        if dist.world == 1:
+            join_single_process_group()
+        self.cfg, self.module, self.dist = cfg, model, dist
+        first = next(model.parameters())
+        self.device = first.device
+        self.config = ds_config(cfg, dtype=first.dtype, device=self.device, world=dist.world,
+                                micro_batch_size=micro_batch_size)
+        self.opt = build_optimizer(cfg, model, self.device)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.opt, config=self.config)
+        self.model = self.engine
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Backward (gradients averaged over ranks), clip to `trainer.grad_clip`, AdamW step.
+
+        Returns the pre-clip global gradient norm: the ZeRO / bf16 optimizers report it; plain
+        fp32 stage 0 does not, so it is computed here from the already-averaged gradients.
+        """
+        self.engine.backward(loss)
+        norm = None
+        if not self.engine.zero_optimization() and not self.engine.bfloat16_enabled():
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        self.engine.step()
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            raise KlbenchError("DeepSpeed reported no gradient norm (zero_optimization.compute_grad_norm is off?)")
+        return float(norm)
+
+    def end_of_step(self) -> None:
+        self.sched.step()
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The LR schedule only: weights and (sharded) optimizer state are in `save(dir)`."""
+        return {"backend": "deepspeed", "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("backend") != "deepspeed":
+            raise KlbenchError("this checkpoint was written by trainer.backend=torch; resume it with that backend")
+        self.sched.load_state_dict(state["scheduler"])
+
+    def save(self, directory: str | Path) -> None:
+        """Write the engine's checkpoint (module weights + ZeRO optimizer shards) into `directory`.
+
+        Collective: every rank calls it with the same path (each rank writes its own shard).
+        """
+        self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+
+    def load(self, directory: str | Path) -> None:
+        """Restore what `save(directory)` wrote (same world size and ZeRO stage). Collective."""
+        path, _ = self.engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise KlbenchError(f"no DeepSpeed checkpoint under {directory}/{TAG}")
+
+    def consolidated_state_dict(self) -> dict:
+        """The full policy weights (for `save_pretrained`). Collective under ZeRO-3; the
+        gathered tensors are complete on rank 0 (other ranks get an empty dict)."""
+        if self.engine.zero_optimization_partition_weights():
+            return self.engine._zero3_consolidated_16bit_state_dict() or {}
+        return self.module.state_dict()
+
+    def prepare_reference(self, ref: torch.nn.Module) -> torch.nn.Module:
+        """The frozen reference policy: sharded with ZeRO-3 (no optimizer) when the policy is.
+
+        Under ZeRO-3 every rank holds 1/world of π_ref's weights and gathers each layer for its
+        forward, as it does for the policy. Calls go to the returned module directly (ZeRO-3 hooks
+        sit on its submodules). Below stage 3 π_ref stays an ordinary replicated module.
+        """
+        if self.cfg.deepspeed.zero_stage != 3:
+            return ref
+        import deepspeed
+
+        config = {k: v for k, v in self.config.items() if k not in ("gradient_clipping",)}
+        config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if k != "offload_optimizer"}
+        engine, _, _, _ = deepspeed.initialize(model=ref, config=config)
+        engine.eval()
+        self.ref_engine = engine
+        return engine.module

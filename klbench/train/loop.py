@@ -1,0 +1,309 @@
+"""One RL-with-KL experiment: the GRPO-family loop of DESIGN.md, top to bottom.
+
+Per step: sample G responses for B prompts (rollout engine) → rewards → reference log-probs
+(frozen π_ref, once per batch) → advantages (group baselines; the KL penalty subtracted when the
+KL term is in the reward) → `algo.ppo_epochs` passes of mini-batch PPO-clip updates with the KL
+term as a loss when configured (later mini-batches are genuinely off-policy) → metrics → weights
+to the rollout engine (lagged by `rollout.staleness` updates).
+
+Deviations from the papers, on purpose:
+- The KL penalty in the reward is not group-normalised: β has the same scale for every placement,
+  so `k1_in_reward` and `k2_as_loss` at one β are comparable (THEORY.md claim 2).
+- Log-probs for the KL terms and entropies are those of the temperature-scaled policy, the one
+  that samples; with top-p < 1 the behaviour log-probs are of the truncated distribution.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from klbench import advantages as adv_lib
+from klbench import kl as kl_lib
+from klbench.config import Config
+from klbench.data import Task, build_task
+from klbench.errors import KlbenchError
+from klbench.losses import ppo_clip
+from klbench.ops import masked_mean
+from klbench.reward import build_reward
+from klbench.rollout.base import RolloutBatch, SamplingParams
+from klbench.train import runstate
+from klbench.train.logprobs import token_logprobs, trim
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KlbenchError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+    return torch.device(name)
+
+
+def set_threads(n: int | None) -> None:
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+def check_finite(step: int, **terms: torch.Tensor) -> None:
+    """Stop with a clear message instead of training on (and writing) garbage."""
+    for name, value in terms.items():
+        if not torch.isfinite(value).all():
+            raise KlbenchError(
+                f"non-finite {name} ({value.item() if value.numel() == 1 else 'tensor'}) at step {step}; "
+                "lower trainer.lr, keep kl.log_ratio_clamp set, or check the reward"
+            )
+
+
+class Rewards:
+    """Scores a rollout: per-sample rewards/correctness and decoded completions."""
+
+    def __init__(self, task: Task, tokenizer, reward_fn):
+        self.task, self.tok, self.fn = task, tokenizer, reward_fn
+
+    def __call__(self, batch: RolloutBatch, examples, group_size: int):
+        eos = self.tok.eos_token_id
+        rewards, correct, texts, extras = [], [], [], {}
+        for i in range(batch.num_samples):
+            ids = batch.response_ids[i][batch.response_mask[i] > 0].tolist()
+            finished = bool(ids) and ids[-1] == eos
+            text = self.tok.decode(ids[:-1] if finished else ids, skip_special_tokens=False)
+            s = self.fn(text, finished, examples[i // group_size])
+            rewards.append(s.reward)
+            correct.append(float(s.correct))
+            texts.append(text)
+            for k, v in s.extras.items():
+                extras.setdefault(k, []).append(v)
+        return torch.tensor(rewards), torch.tensor(correct), texts, {k: torch.tensor(v) for k, v in extras.items()}
+
+
+class Trainer:
+    """Holds the experiment's objects; `fit()` runs the steps. Built once from a validated Config."""
+
+    def __init__(self, cfg: Config, run_dir: Path, tracker, dist=None):
+        from klbench.models import load_causal_lm, load_tokenizer, resolve_model_dir
+        from klbench.rollout.factory import build_engine
+        from klbench.train.backends import build_backend
+
+        self.cfg, self.run_dir, self.tracker = cfg, Path(run_dir), tracker
+        self.dist = dist or runstate.single_process()
+        set_threads(cfg.trainer.threads)
+        torch.manual_seed(cfg.seed)
+        self.device = pick_device(cfg.trainer.device)
+        self.model_dir = resolve_model_dir(cfg.model, seed=0)
+        self.tokenizer = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
+        self.policy = load_causal_lm(self.model_dir, cfg.model, self.device, trainable=True)
+        self.ref = load_causal_lm(self.model_dir, cfg.model, self.device, trainable=False)
+        self.task = build_task(cfg.data, self.tokenizer, cfg.seed)
+        self.rewards = Rewards(self.task, self.tokenizer, build_reward(cfg.data))
+        self.kl = kl_lib.KLSpec.from_config(cfg.kl)
+        self.controller = kl_lib.build_controller(cfg.kl.controller, cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
+        self.backend = build_backend(cfg.trainer, self.policy, self.dist)
+        # Stale rollouts sample from a lagged copy of the policy (`rollout.staleness` updates old).
+        self.staleness = cfg.rollout.staleness
+        if self.staleness:
+            import copy
+
+            self.sampler_model = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            self.snapshots: deque[dict] = deque([self._snapshot()])
+        else:
+            self.sampler_model = self.policy
+        self.engine = build_engine(cfg.rollout, self.sampler_model, self.tokenizer, self.model_dir, cfg.seed)
+        from klbench.evaluate import build_evaluator
+
+        # periodic held-out evaluation (None when eval.every == 0 and not eval.at_end)
+        self.evaluator = build_evaluator(cfg, self.tokenizer, self.run_dir, self.dist)
+        self.step = 0
+
+    # -- state -----------------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "controller": self.controller.state_dict(),
+            "snapshots": list(self.snapshots) if self.staleness else None,
+            "backend": self.backend.state_dict(),
+            "rng": runstate.rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.controller.load_state_dict(state["controller"])
+        self.backend.load_state_dict(state["backend"])
+        if self.staleness:
+            self.snapshots = deque(state["snapshots"])
+            self.sampler_model.load_state_dict(self.snapshots[0])
+        runstate.set_rng_state(state["rng"])
+        self.engine.sync_weights(self.sampler_model)
+
+    # -- one step --------------------------------------------------------------------------
+    def sampling(self, step: int) -> SamplingParams:
+        r = self.cfg.rollout
+        seed = (self.cfg.seed * 1_000_003 + step * 7919 + self.dist.rank * 104_729) % (2**31)
+        return SamplingParams(n=self.cfg.algo.group_size, max_new_tokens=r.max_new_tokens,
+                              temperature=r.temperature, top_p=r.top_p, seed=seed)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, algo, temp = self.cfg, self.cfg.algo, self.cfg.rollout.temperature
+        t0 = time.perf_counter()
+        examples = self.dist.shard(self.task.batch(step, algo.prompts_per_step))
+        batch = self.engine.generate([self.task.encode(ex) for ex in examples], self.sampling(step))
+        batch = trim(batch)
+        t_rollout = time.perf_counter() - t0
+        mask = batch.response_mask  # [N, R]
+        rewards, correct, texts, extras = self.rewards(batch, examples, algo.group_size)
+
+        with torch.no_grad():
+            ref_logp, _ = token_logprobs(self.ref, batch, temp)  # [N, R]
+            ref_logp = ref_logp.cpu()
+            # log pi_theta of the sampled tokens before this step's updates: the engine's own
+            # log-probs when it samples from the current weights, else a trainer forward.
+            if self.staleness or cfg.rollout.check_logprobs:
+                cur_logp = token_logprobs(self.policy, batch, temp)[0].cpu()
+            else:
+                cur_logp = batch.behaviour_logp
+        metrics: dict[str, float] = {}
+        if cfg.rollout.check_logprobs:
+            sampler_logp = cur_logp if not self.staleness else token_logprobs(self.sampler_model, batch, temp)[0].cpu()
+            diff = (sampler_logp - batch.behaviour_logp).abs() * mask
+            metrics["rollout/logprob_mismatch"] = (diff.sum() / mask.sum()).item()
+            metrics["rollout/logprob_mismatch_max"] = diff.max().item()
+            if metrics["rollout/logprob_mismatch_max"] > cfg.rollout.max_logprob_mismatch:
+                raise KlbenchError(
+                    f"step {step}: behaviour log-probs from rollout.engine={cfg.rollout.engine} differ from the "
+                    f"trainer's by up to {metrics['rollout/logprob_mismatch_max']:.3g} "
+                    f"(> rollout.max_logprob_mismatch={cfg.rollout.max_logprob_mismatch}): weights are out of sync"
+                )
+
+        beta = self.controller.value
+        u = (cur_logp - ref_logp) * mask  # [N, R]
+        seq_adv = adv_lib.compute(algo.advantage, rewards, algo.group_size, algo.std_eps)  # [N]
+        penalty = self.kl.reward_penalty(cur_logp, ref_logp, mask)  # [N, R] detached, summed to go
+        advantages = seq_adv[:, None] * mask - beta * penalty  # [N, R]
+
+        t1 = time.perf_counter()
+        upd = self.update(batch, advantages, ref_logp, beta, step)
+        t_update = time.perf_counter() - t1
+        self.after_update()
+        rkl_k1 = self.dist.mean(u.sum(-1).mean())
+        self.controller.update(rkl_k1, batch.num_samples * self.dist.world)
+
+        n_tok = mask.sum()
+        metrics.update({
+            "kl/rkl_k1": rkl_k1,
+            "kl/rkl_k3": self.dist.mean((kl_lib.estimate("k3", cur_logp, ref_logp) * mask).sum(-1).mean()),
+            "kl/rkl_k2": self.dist.mean((kl_lib.estimate("k2", cur_logp, ref_logp) * mask).sum(-1).mean()),
+            "kl/coef": beta,
+            "reward/mean": self.dist.mean(rewards.mean()),
+            "reward/std": self.dist.mean(rewards.std()),
+            "reward/acc": self.dist.mean(correct.mean()),
+            **{f"reward/{k}": self.dist.mean(v.mean()) for k, v in extras.items()},
+            "rollout/response_len": self.dist.mean(mask.sum(-1).mean()),
+            "rollout/truncated": self.dist.mean((batch.response_ids[:, -1] != self.tokenizer.eos_token_id)
+                                                .logical_and(mask[:, -1] > 0).float().mean()),
+            **upd,
+            "optim/lr": self.backend.lr,
+            "perf/rollout_s": t_rollout,
+            "perf/update_s": t_update,
+            "perf/step_s": time.perf_counter() - t0,
+            "perf/rollout_tok_s": self.dist.sum(n_tok) / max(t_rollout, 1e-9),
+            "perf/train_tok_s": self.dist.sum(n_tok) * algo.ppo_epochs / max(t_update, 1e-9),
+        })
+        if cfg.trainer.samples_per_log and step % cfg.trainer.log_every == 0:
+            self.tracker.log_samples(step, [
+                {"prompt": self.task.prompt(examples[i // algo.group_size]), "completion": texts[i],
+                 "reward": rewards[i].item(), "correct": bool(correct[i]), "kl_k1": u[i].sum().item()}
+                for i in range(0, batch.num_samples, max(1, batch.num_samples // cfg.trainer.samples_per_log))
+            ][: cfg.trainer.samples_per_log])
+        return metrics
+
+    def update(self, batch: RolloutBatch, advantages, ref_logp, beta: float, step: int) -> dict[str, float]:
+        """`algo.ppo_epochs` passes over the batch in mini-batches; one optimizer step per mini-batch."""
+        algo, temp = self.cfg.algo, self.cfg.rollout.temperature
+        n = batch.num_samples
+        mb = min(algo.mini_batch_size or n, n)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 31 + step)
+        sums: dict[str, float] = {}
+        counts = 0
+        ratio_max = 1.0
+        clamp_rate = 0.0
+        for epoch in range(algo.ppo_epochs):
+            order = torch.randperm(n, generator=gen) if mb < n else torch.arange(n)
+            for idx in order.split(mb):
+                mini = trim(batch.select(idx))
+                r = mini.response_ids.shape[1]
+                mask = mini.response_mask.to(self.device)
+                first = epoch == 0 and counts == 0
+                logp, ent = token_logprobs(self.backend.model, mini, temp, with_entropy=True)
+                pg = ppo_clip(logp, mini.behaviour_logp.to(self.device), advantages[idx, :r].to(self.device), mask,
+                              clip_low=algo.clip_eps, clip_high=algo.clip_eps_high, agg=algo.loss_agg)
+                ref = ref_logp[idx, :r].to(self.device)
+                kl_term = self.kl.loss(logp, ref, mask, behaviour_logp=mini.behaviour_logp.to(self.device),
+                                       agg=algo.loss_agg)
+                loss = pg.loss + beta * kl_term
+                check_finite(step, **{"loss/pg": pg.loss, "loss/kl": kl_term})
+                grad_norm = self.backend.step(loss)
+                check_finite(step, **{"loss/grad_norm": torch.as_tensor(grad_norm)})
+                vals = {
+                    "loss/pg": pg.loss.item(), "loss/kl": (beta * kl_term).item(), "loss/total": loss.item(),
+                    "loss/grad_norm": float(grad_norm), "off/ratio_mean": pg.ratio_mean.item(),
+                    "off/clipfrac": pg.clipfrac.item(),
+                    "rollout/entropy": masked_mean(ent, mask).item(),
+                }
+                if first:
+                    sums["rollout/entropy_first"] = vals["rollout/entropy"]
+                for k, v in vals.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                ratio_max = max(ratio_max, pg.ratio_max.item())
+                if self.kl.as_loss and self.kl.log_ratio_clamp is not None:
+                    clamp_rate += kl_lib.clamp_fraction(logp, ref, mask, log_ratio_clamp=self.kl.log_ratio_clamp,
+                                                        level=self.kl.level).item()
+                counts += 1
+        out = {k: self.dist.mean(v / counts) for k, v in sums.items() if k != "rollout/entropy_first"}
+        # entropy of the policy that sampled the batch: the first (on-policy) mini-batch's
+        out["rollout/entropy"] = self.dist.mean(sums["rollout/entropy_first"])
+        out["off/ratio_max"] = self.dist.max(ratio_max)
+        if self.kl.as_loss and self.kl.log_ratio_clamp is not None:
+            out["kl/clamp_rate"] = self.dist.mean(clamp_rate / counts)
+        self.backend.end_of_step()
+        return out
+
+    def after_update(self) -> None:
+        """Hand the new weights to the rollout engine (lagged by `rollout.staleness` updates)."""
+        if self.staleness:
+            self.snapshots.append(self._snapshot())
+            while len(self.snapshots) > self.staleness + 1:
+                self.snapshots.popleft()
+            self.sampler_model.load_state_dict(self.snapshots[0])
+        self.engine.sync_weights(self.sampler_model)
+
+    # -- the run ---------------------------------------------------------------------------
+    def fit(self, on_step=None) -> None:
+        steps = self.cfg.trainer.steps
+        while self.step < steps:
+            self.step += 1
+            metrics = self.train_step(self.step)
+            if not all(math.isfinite(v) for k, v in metrics.items() if not k.startswith("perf/")):
+                bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+                raise KlbenchError(f"non-finite metrics at step {self.step}: {', '.join(bad)}")
+            self.tracker.log(self.step, metrics)
+            if self.evaluator is not None and self.evaluator.due(self.step, steps):
+                self.tracker.log(self.step, self.evaluator(self.policy, self.engine, self.step))
+            if on_step is not None:
+                on_step(self)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def config_dict(cfg: Config) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,113 @@
+"""`klbench run`'s job: one experiment in one run directory.
+
+The run directory (Hydra's job output dir) ends up holding:
+  config.yaml     the resolved config          metrics.jsonl  one JSON object per step
+  summary.json    final + windowed metrics     samples.jsonl  a few generations per step
+  status.json     running|completed|failed     final/         the final policy (HF format)
+  .hydra/         Hydra's own record (overrides, unresolved config)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from klbench.config import Config
+from klbench.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+#: Summary windows average the last this-fraction of steps (per-step KL estimates are noisy).
+WINDOW_FRACTION = 0.2
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic write: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def summarize(metrics_path: Path, fraction: float = WINDOW_FRACTION) -> dict:
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()] if metrics_path.exists() else []
+    train = [r for r in rows if any(k.startswith(("kl/", "reward/")) for k in r)]
+    if not train:
+        return {"steps": 0, "final": {}, "window": {}}
+    n = max(1, round(len(train) * fraction))
+    window = train[-n:]
+    keys = sorted({k for r in window for k in r if k != "step"})
+    avg = {}
+    for k in keys:
+        vals = [r[k] for r in window if isinstance(r.get(k), (int, float))]
+        if vals:
+            avg[k] = sum(vals) / len(vals)
+    evals = {}
+    for r in rows:
+        evals.update({k: v for k, v in r.items() if k.startswith("eval/")})
+    return {"steps": train[-1]["step"], "window_steps": [window[0]["step"], window[-1]["step"]],
+            "final": {k: v for k, v in train[-1].items() if k != "step"}, "window": avg, "eval": evals}
+
+
+def run_experiment(cfg: Config, run_dir: Path, *, sweep: str | None = None, tags: list[str] | None = None) -> dict:
+    """Train one experiment into `run_dir`; return its summary. Raises on failure (after recording it)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from klbench.train import runstate
+    from klbench.train.loop import Trainer
+
+    dist = runstate.from_env()
+    run_dir = Path(run_dir)
+    status_path = run_dir / "status.json"
+    started = time.perf_counter()
+    status = {"status": "running", "started": now(), "host": socket.gethostname(), "pid": os.getpid(),
+              "python": platform.python_version(), "torch": torch.__version__, "world_size": dist.world}
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        write_json(status_path, status)
+    tracker = NullTracker()
+    trainer = None
+    try:
+        trainer = Trainer(cfg, run_dir, NullTracker(), dist)
+        if dist.is_main:
+            tracker = Tracker(run_dir, cfg.logger, total_steps=cfg.trainer.steps, config=asdict(cfg),
+                              name=f"{cfg.name}-{run_dir.name}", group=sweep, tags=tags, resume_step=trainer.step)
+            trainer.tracker = tracker
+        trainer.fit()
+        if dist.is_main:
+            final = run_dir / "final"
+            trainer.policy.save_pretrained(final)
+            trainer.tokenizer.save_pretrained(final)
+        summary = summarize(run_dir / "metrics.jsonl")
+        summary["wall_s"] = round(time.perf_counter() - started, 2)
+        if dist.is_main:
+            write_json(run_dir / "summary.json", summary)
+            write_json(status_path, {**status, "status": "completed", "ended": now(), "wall_s": summary["wall_s"],
+                                     "step": trainer.step})
+        tracker.finish(summary)
+        return summary
+    except BaseException as e:  # record why, then let the CLI report it
+        if dist.is_main:
+            kind = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            write_json(status_path, {**status, "status": kind, "ended": now(), "error": f"{type(e).__name__}: {e}",
+                                     "step": trainer.step if trainer else 0})
+        try:
+            tracker.finish()
+        except Exception:  # noqa: BLE001 - never mask the original error
+            log.exception("while closing the tracker")
+        raise
+    finally:
+        if trainer is not None:
+            trainer.close()

@@ -1,0 +1,102 @@
+"""Process-level state: data-parallel rank/world (from torchrun / deepspeed env vars), metric
+reduction across ranks, and RNG state capture for exact resume."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: list) -> list:
+        """This rank's contiguous share of a global list (its length must divide by `world`)."""
+        if self.world == 1:
+            return items
+        if len(items) % self.world:
+            raise ValueError(f"{len(items)} prompts per step do not split over {self.world} processes")
+        per = len(items) // self.world
+        return items[self.rank * per : (self.rank + 1) * per]
+
+    def _reduce(self, x, op) -> float:
+        v = float(x.item() if torch.is_tensor(x) else x)
+        if self.world == 1:
+            return v
+        import torch.distributed as dist
+
+        t = torch.tensor([v], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=op)
+        return float(t.item())
+
+    def _comm_device(self):
+        import torch.distributed as dist
+
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def mean(self, x) -> float:
+        import torch.distributed as dist
+
+        return self._reduce(x, dist.ReduceOp.SUM if self.world > 1 else None) / self.world
+
+    def sum(self, x) -> float:
+        import torch.distributed as dist
+
+        return self._reduce(x, dist.ReduceOp.SUM if self.world > 1 else None)
+
+    def max(self, x) -> float:
+        import torch.distributed as dist
+
+        return self._reduce(x, dist.ReduceOp.MAX if self.world > 1 else None)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def single_process() -> Dist:
+    return Dist()
+
+
+def from_env() -> Dist:
+    """Join the process group a launcher (torchrun, deepspeed) set up through env vars."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
