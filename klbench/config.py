@@ -72,6 +72,8 @@ class KLConfig:
         _choice("kl", "controller", self.controller, CONTROLLERS)
         if self.ratio_clip is not None:
             _check(self.ratio_clip > 0, "kl", "ratio_clip", self.ratio_clip, "must be > 0 or null")
+            _check(self.off_policy != "none", "kl", "ratio_clip", self.ratio_clip,
+                   "clips the IS weight of kl.off_policy, which is none: set kl.off_policy or kl.ratio_clip=null")
         if self.log_ratio_clamp is not None:
             _check(self.log_ratio_clamp > 0, "kl", "log_ratio_clamp", self.log_ratio_clamp, "must be > 0 or null")
         _check(self.target > 0, "kl", "target", self.target, "must be > 0")

@@ -1,0 +1,469 @@
+"""The KL term of RL fine-tuning: estimators, placements, off-policy correction, controllers.
+
+Pure functions over tensors and masks (docs/THEORY.md is the spec). Importing this module
+loads torch and klbench.ops only, so any trainer can use it.
+
+Notation, per sampled response token t (`mask` 1 on response tokens):
+    u_t = log π_θ(y_t|·) − log π_ref(y_t|·)        per-token log-ratio          # [B, T]
+    U   = Σ_t u_t = log π_θ(y) − log π_ref(y)      per-sequence log-ratio       # [B]
+    ρ   = π_θ / μ                                  importance ratio to the behaviour policy μ
+
+Estimators of KL(π_θ ‖ π_ref) (Schulman's naming), applied to x = u_t or x = U:
+    k1 = x          k2 = x² / 2          k3 = exp(−x) − 1 + x
+
+Placements, and what each does to the gradient (on-policy expectation over y ~ π_θ):
+
+* **in reward** (`kl_in_reward`): the detached value multiplies the score function,
+  gradient β·c·∇log π with c = k_n.
+    - k1, sequence level, or token level summed as reward-to-go: exactly ∇KL(π_θ‖π_ref).
+    - k1, token level without reward-to-go: each token charged only its own u_t (biased).
+    - k2 / k3 in reward (token level, reward-to-go): biased (not the score-function coefficient of KL).
+* **as loss** (`kl_loss`): β·k_n(θ) is differentiated; it is equivalent to an in-reward
+  coefficient c = ∂k_n/∂log π_θ (`equivalent_coefficient`): 1, u, 1 − e^{−u}.
+    - k1: E[∇log π] = 0, no regularisation at all (only noise), at either level.
+    - k2, sequence level: exactly ∇KL(π_θ‖π_ref) (c = U, identical per sample to k1 in reward).
+    - k2, token level: Σ_t u_t ∇log π(y_t) drops the future-token terms (biased, grows with drift).
+    - k3, sequence level: exactly ∇KL(π_ref‖π_θ), the *forward* KL; token level: neither KL.
+* **both** (same estimator in reward and as loss): k3 in both is exact at either level
+  (Comedy of Estimators), provided the token-level loss is aggregated like the reward, i.e.
+  like the policy-gradient loss that carries it: `agg="seq_mean_token_sum"` is exact; with
+  "seq_mean_token_mean" for both, each sequence is scaled by 1/|y| as a whole (the exact
+  direction when all responses have one length). The other token-level repair, k2 as loss
+  plus k1 in reward for the future tokens only, is `kl_loss(estimator="k2")` beside
+  `kl_in_reward(estimator="k1", include_current=False)`.
+* **off-policy** (samples from μ ≠ π_θ), as loss: `sg_ratio`·k2, `ratio`·k3 and `ratio`·k1
+  are exact at sequence level (`ratio`·k3 has per sample the gradient of `sg_ratio`·k2:
+  ρ·(k3 + 1 − e^{−u}) = ρ·u); plain k2/k3 and `ratio`·k2 are biased, and `sg_ratio`·k3 gives
+  the forward KL; per-token ratios (level "token") only correct the last token's distribution
+  and stay biased. In-reward terms are corrected by the policy-gradient loss's own ratio, not here.
+
+`klbench verify` (klbench.theory) checks every line above by exact enumeration, calling the
+functions of this module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from klbench.ops import AGGREGATIONS, aggregate, masked_mean, reverse_cumsum
+
+ESTIMATORS = ("k1", "k2", "k3")
+PLACEMENTS = ("none", "reward", "loss", "both")
+LEVELS = ("token", "sequence")
+OFF_POLICY = ("none", "sg_ratio", "ratio")
+CONTROLLERS = ("fixed", "adaptive")
+
+#: Default bound on |log-ratio| before it is exponentiated (verl uses the same ±20).
+DEFAULT_LOG_RATIO_CLAMP = 20.0
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _check_clamp(log_ratio_clamp: float | None) -> None:
+    if log_ratio_clamp is not None and not log_ratio_clamp > 0:
+        raise ValueError(f"log_ratio_clamp must be > 0 or None (no clamp), got {log_ratio_clamp!r}")
+
+
+def _clamp(x: torch.Tensor, log_ratio_clamp: float | None) -> torch.Tensor:
+    """x clamped to [−c, c]; the gradient is zero where the clamp is active."""
+    return x if log_ratio_clamp is None else x.clamp(-log_ratio_clamp, log_ratio_clamp)
+
+
+def _estimate(kind: str, x: torch.Tensor, log_ratio_clamp: float | None) -> torch.Tensor:
+    """Estimator `kind` of a log-ratio `x` (any shape). Only k3 exponentiates, so only k3 is clamped."""
+    if kind == "k1":
+        return x
+    if kind == "k2":
+        return 0.5 * x * x
+    if kind == "k3":
+        x = _clamp(x, log_ratio_clamp)
+        return torch.expm1(-x) + x  # exp(−x) − 1 + x, accurate near x = 0
+    raise ValueError(f"unknown estimator {kind!r}; expected one of {', '.join(ESTIMATORS)}")
+
+
+def _masked_log_ratio(logp: torch.Tensor, other_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p − log q on response tokens, exactly 0 elsewhere (padding may hold -inf or garbage)."""
+    return torch.where(mask.bool(), logp - other_logp, torch.zeros_like(logp))  # [B, T]
+
+
+def estimate(
+    kind: str,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    *,
+    log_ratio_clamp: float | None = None,
+) -> torch.Tensor:
+    """Per-token estimator values k1 | k2 | k3 of u = logp − ref_logp (same shape as `logp`).
+
+    No masking and, by default, no clamp: this is the raw formula (k3 overflows for u < −88
+    in float32). `log_ratio_clamp` applies the same clamp as `kl_loss` (k3 only).
+    """
+    _check_clamp(log_ratio_clamp)
+    return _estimate(kind, logp - ref_logp, log_ratio_clamp)
+
+
+def equivalent_coefficient(estimator: str, u: torch.Tensor) -> torch.Tensor:
+    """∂k_n/∂log π_θ at log-ratio `u`: the in-reward coefficient that `estimator` as loss is worth.
+
+    k1 → 1, k2 → u, k3 → 1 − exp(−u). Same shape as `u`.
+    """
+    if estimator == "k1":
+        return torch.ones_like(u)
+    if estimator == "k2":
+        return u
+    if estimator == "k3":
+        return -torch.expm1(-u)
+    raise ValueError(f"unknown estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
+
+
+def clamp_fraction(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    log_ratio_clamp: float | None = DEFAULT_LOG_RATIO_CLAMP,
+    level: str = "token",
+) -> torch.Tensor:
+    """Fraction of response tokens (level "token") or sequences ("sequence") whose log-ratio
+    |u| (or |U|) exceeds `log_ratio_clamp`, i.e. where k3 is clamped and passes no gradient.
+
+    A 0-dim tensor (no host sync); zero when `log_ratio_clamp` is None. Log it as `kl/clamp_rate`.
+    """
+    _check_choice("level", level, LEVELS)
+    _check_clamp(log_ratio_clamp)
+    mask = mask.to(logp.dtype)
+    u = _masked_log_ratio(logp.detach(), ref_logp.detach(), mask)  # [B, T]
+    if log_ratio_clamp is None:
+        return logp.new_zeros(())
+    if level == "token":
+        return masked_mean((u.abs() > log_ratio_clamp).to(logp.dtype), mask)
+    has_tokens = (mask.sum(-1) > 0).to(logp.dtype)  # [B]
+    clamped = (u.sum(-1).abs() > log_ratio_clamp).to(logp.dtype)  # [B]
+    return (clamped * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+
+
+def _importance_ratio(
+    logp: torch.Tensor,
+    behaviour_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    level: str,
+    off_policy: str,
+    ratio_clip: float | None,
+    log_ratio_clamp: float | None,
+) -> torch.Tensor:
+    """ρ = π_θ/μ per token `[B, T]` or per sequence `[B]`, detached for "sg_ratio", truncated at `ratio_clip`."""
+    log_rho = _masked_log_ratio(logp, behaviour_logp, mask)  # [B, T]
+    if level == "sequence":
+        log_rho = log_rho.sum(-1)  # [B]
+    rho = torch.exp(_clamp(log_rho, log_ratio_clamp))
+    if off_policy == "sg_ratio":
+        rho = rho.detach()
+    if ratio_clip is not None:
+        rho = rho.clamp(max=ratio_clip)  # truncated IS: min(ρ, c); no gradient where clipped
+    return rho
+
+
+def kl_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    estimator: str,
+    level: str = "token",
+    off_policy: str = "none",
+    behaviour_logp: torch.Tensor | None = None,
+    ratio_clip: float | None = None,
+    agg: str = "seq_mean_token_mean",
+    log_ratio_clamp: float | None = DEFAULT_LOG_RATIO_CLAMP,
+) -> torch.Tensor:
+    """The KL term as a loss: a 0-dim tensor whose gradient flows into `logp` only (β not applied).
+
+    Args:
+        logp: `[B, T]` log π_θ of the sampled tokens (carries gradient).
+        ref_logp: `[B, T]` log π_ref of the same tokens (detached here).
+        mask: `[B, T]` 1 on response tokens, 0 on prompt/padding (padding logp may be -inf).
+        estimator: "k1" | "k2" | "k3".
+        level: "token": estimator per token, reduced with `agg` (pass the policy-gradient loss's
+            aggregation; the token-level repairs need "seq_mean_token_sum"). "sequence": estimator
+            of U = Σ_t u_t, mean over sequences (`agg` is not used: one value per sequence).
+        off_policy: "none"; "sg_ratio": multiply by the detached ρ = π_θ/μ; "ratio": by ρ with
+            gradient. ρ is per token at level "token" and per sequence at level "sequence".
+        behaviour_logp: `[B, T]` log μ of the sampled tokens (the rollout policy's log-probs).
+            None means the samples came from the current policy: μ = sg(π_θ), ρ = 1 (with
+            gradient for "ratio", which makes `ratio`·k3 equal k3 in both reward and loss).
+        ratio_clip: truncated importance sampling: ρ is replaced by min(ρ, ratio_clip), which
+            bounds the variance at the price of a bias; where the clip is active "ratio" passes
+            no gradient through ρ. None: no clip.
+        agg: "seq_mean_token_mean" | "token_mean" | "seq_mean_token_sum" (klbench.ops.aggregate).
+        log_ratio_clamp: numerical guard for the exponentials: the k3 log-ratio (u or U) and
+            log ρ are clamped to [−c, c] before `exp`. A clamped k3 token keeps the finite value
+            k3(±c) and contributes *no gradient* (as verl's low_var_kl); a clamped log ρ gives
+            ρ = e^{±c} with no gradient through it. k1 and k2 are polynomials and are never
+            clamped (a long response can legitimately have |U| > 20). None disables the clamp.
+            Log `clamp_fraction` to see how often it is active.
+    """
+    _check_choice("estimator", estimator, ESTIMATORS)
+    _check_choice("level", level, LEVELS)
+    _check_choice("off_policy", off_policy, OFF_POLICY)
+    _check_choice("agg", agg, AGGREGATIONS)
+    _check_clamp(log_ratio_clamp)
+    if ratio_clip is not None and not ratio_clip > 0:
+        raise ValueError(f"ratio_clip must be > 0 or None, got {ratio_clip!r}")
+    if ratio_clip is not None and off_policy == "none":
+        raise ValueError("ratio_clip has no effect with off_policy='none'; set off_policy or ratio_clip=None")
+
+    mask = mask.to(logp.dtype)
+    u = _masked_log_ratio(logp, ref_logp.detach(), mask)  # [B, T]
+    x = u if level == "token" else u.sum(-1)  # [B, T] or [B]
+    values = _estimate(estimator, x, log_ratio_clamp)  # [B, T] or [B]
+    if off_policy != "none":
+        behaviour = logp.detach() if behaviour_logp is None else behaviour_logp.detach()
+        rho = _importance_ratio(
+            logp,
+            behaviour,
+            mask,
+            level=level,
+            off_policy=off_policy,
+            ratio_clip=ratio_clip,
+            log_ratio_clamp=log_ratio_clamp,
+        )  # same shape as values
+        values = rho * values
+    if level == "token":
+        return aggregate(values, mask, agg)
+    return values.mean()
+
+
+def kl_in_reward(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    estimator: str,
+    level: str = "token",
+    reward_to_go: bool = True,
+    include_current: bool = True,
+    log_ratio_clamp: float | None = DEFAULT_LOG_RATIO_CLAMP,
+) -> torch.Tensor:
+    """The KL term as a detached reward penalty `[B, T]` (β not applied; the caller subtracts β·this).
+
+    level "token": k_n(u_t) on each response token. level "sequence": k_n(U) placed on the last
+    response token of each sequence. With `reward_to_go`, the penalties are summed to go,
+    out[:, t] = Σ_{t' ≥ t} penalty[:, t'] (so a sequence-level penalty reaches every response
+    token): multiply by β and subtract from per-token returns/advantages. Without it the raw
+    per-token penalties are returned. `include_current=False` (token level, reward-to-go only)
+    gives the "future tokens only" coefficient Σ_{t' > t}, which with estimator "k1" completes
+    token-level k2 as loss into the exact RKL gradient (THEORY.md). Zero off the mask.
+    `log_ratio_clamp` as in `kl_loss` (k3 only).
+    """
+    _check_choice("estimator", estimator, ESTIMATORS)
+    _check_choice("level", level, LEVELS)
+    _check_clamp(log_ratio_clamp)
+    if not include_current and (level != "token" or not reward_to_go):
+        raise ValueError("include_current=False needs level='token' and reward_to_go=True")
+
+    with torch.no_grad():
+        mask = mask.to(logp.dtype)
+        u = _masked_log_ratio(logp, ref_logp, mask)  # [B, T]
+        if level == "token":
+            penalty = _estimate(estimator, u, log_ratio_clamp) * mask  # [B, T]
+        else:
+            per_seq = _estimate(estimator, u.sum(-1), log_ratio_clamp)  # [B]
+            positions = torch.arange(mask.shape[-1], device=mask.device)  # [T]
+            last = (mask * positions).argmax(-1, keepdim=True)  # [B, 1] index of the last response token
+            penalty = torch.zeros_like(u).scatter(-1, last, per_seq.unsqueeze(-1)) * mask  # [B, T]
+        if not reward_to_go:
+            return penalty
+        to_go = reverse_cumsum(penalty, mask)  # [B, T]
+        return to_go if include_current else to_go - penalty
+
+
+@dataclass(frozen=True)
+class KLSpec:
+    """Everything about the KL term, validated once; the training loop calls its two helpers.
+
+    β is *not* applied inside `reward_penalty` or `loss`: the loop multiplies by the current
+    coefficient, which an adaptive controller may change (`build_controller(..., coef=spec.coef)`):
+        beta = controller.value
+        rewards = rewards - beta * spec.reward_penalty(old_logp, ref_logp, mask)   # [B, T]
+        loss = pg_loss + beta * spec.loss(logp, ref_logp, mask, behaviour_logp=old_logp, agg=pg_agg)
+
+    placement "both" uses the same estimator in reward and loss (k3 in both is the exact one;
+    pass agg="seq_mean_token_sum" at token level). coef may be 0 with a placement (the term is
+    computed, e.g. for logging, but does not regularise).
+    """
+
+    coef: float = 0.0
+    estimator: str = "k1"
+    placement: str = "none"
+    level: str = "token"
+    reward_to_go: bool = True
+    off_policy: str = "none"
+    ratio_clip: float | None = None
+    log_ratio_clamp: float | None = DEFAULT_LOG_RATIO_CLAMP
+
+    def __post_init__(self) -> None:
+        _check_choice("kl.estimator", self.estimator, ESTIMATORS)
+        _check_choice("kl.placement", self.placement, PLACEMENTS)
+        _check_choice("kl.level", self.level, LEVELS)
+        _check_choice("kl.off_policy", self.off_policy, OFF_POLICY)
+        if isinstance(self.coef, bool) or not isinstance(self.coef, (int, float)):
+            raise ValueError(f"kl.coef must be a number >= 0, got {self.coef!r}")
+        if not (math.isfinite(self.coef) and self.coef >= 0):
+            raise ValueError(f"kl.coef must be a finite number >= 0, got {self.coef!r}")
+        if not isinstance(self.reward_to_go, bool):
+            raise ValueError(f"kl.reward_to_go must be true or false, got {self.reward_to_go!r}")
+        if self.ratio_clip is not None and not self.ratio_clip > 0:
+            raise ValueError(f"kl.ratio_clip must be > 0 or null, got {self.ratio_clip!r}")
+        if self.log_ratio_clamp is not None and not self.log_ratio_clamp > 0:
+            raise ValueError(f"kl.log_ratio_clamp must be > 0 or null, got {self.log_ratio_clamp!r}")
+        if self.off_policy != "none" and not self.as_loss:
+            raise ValueError(
+                f"kl.off_policy={self.off_policy} corrects the KL loss only, but kl.placement={self.placement}; "
+                "set kl.placement to loss or both, or kl.off_policy=none"
+            )
+        if self.ratio_clip is not None and self.off_policy == "none":
+            raise ValueError(
+                "kl.ratio_clip has no effect with kl.off_policy=none; set kl.off_policy or kl.ratio_clip=null"
+            )
+
+    @classmethod
+    def from_config(cls, obj: Any) -> KLSpec:
+        """Read the eight fields by attribute from any object (e.g. the `kl` config node); other attributes are ignored."""
+        names = (
+            "coef",
+            "estimator",
+            "placement",
+            "level",
+            "reward_to_go",
+            "off_policy",
+            "ratio_clip",
+            "log_ratio_clamp",
+        )
+        missing = [n for n in names if not hasattr(obj, n)]
+        if missing:
+            raise ValueError(f"KL config lacks field(s) {', '.join(missing)}; expected {', '.join(names)}")
+        return cls(**{n: getattr(obj, n) for n in names})
+
+    @property
+    def in_reward(self) -> bool:
+        return self.placement in ("reward", "both")
+
+    @property
+    def as_loss(self) -> bool:
+        return self.placement in ("loss", "both")
+
+    @property
+    def enabled(self) -> bool:
+        return self.placement != "none"
+
+    def reward_penalty(self, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Detached penalties `[B, T]` without β (summed to go if `reward_to_go`); zeros if not in reward."""
+        if not self.in_reward:
+            return torch.zeros_like(logp).detach()
+        return kl_in_reward(
+            logp,
+            ref_logp,
+            mask,
+            estimator=self.estimator,
+            level=self.level,
+            reward_to_go=self.reward_to_go,
+            log_ratio_clamp=self.log_ratio_clamp,
+        )
+
+    def loss(
+        self,
+        logp: torch.Tensor,
+        ref_logp: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        behaviour_logp: torch.Tensor | None = None,
+        agg: str = "seq_mean_token_mean",
+    ) -> torch.Tensor:
+        """The KL loss without β, a 0-dim tensor (a constant zero if not as loss); see `kl_loss`."""
+        if not self.as_loss:
+            return logp.new_zeros(())
+        return kl_loss(
+            logp,
+            ref_logp,
+            mask,
+            estimator=self.estimator,
+            level=self.level,
+            off_policy=self.off_policy,
+            behaviour_logp=behaviour_logp,
+            ratio_clip=self.ratio_clip,
+            agg=agg,
+            log_ratio_clamp=self.log_ratio_clamp,
+        )
+
+
+class FixedKLController:
+    """β that never changes."""
+
+    def __init__(self, coef: float) -> None:
+        if not coef >= 0:
+            raise ValueError(f"KL coefficient must be >= 0, got {coef!r}")
+        self.value = float(coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op (same signature as the adaptive controller)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "fixed", "value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Proportional controller steering the measured KL towards `target` (Ziegler et al. 2019).
+
+    error = clip(current_kl / target − 1, −0.2, 0.2);  β ← β · (1 + error · n_steps / horizon).
+    `current_kl` is a Python float, the KL the target refers to (typically the batch mean of the
+    per-sequence Σ_t u_t); `n_steps` the samples (or steps) since the last update.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: float) -> None:
+        if not init_coef >= 0:
+            raise ValueError(f"KL init_coef must be >= 0, got {init_coef!r}")
+        if target is None or not target > 0:
+            raise ValueError(f"adaptive KL control needs target > 0, got {target!r}; set kl.target")
+        if horizon is None or not horizon > 0:
+            raise ValueError(f"adaptive KL control needs horizon > 0, got {horizon!r}; set kl.horizon")
+        self.value = float(init_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if isinstance(current_kl, torch.Tensor):
+            raise TypeError(
+                "AdaptiveKLController.update takes a Python float; reduce the KL (e.g. .item()) once per step"
+            )
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "adaptive", "value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+        self.target = float(state.get("target", self.target))
+        self.horizon = float(state.get("horizon", self.horizon))
+
+
+def build_controller(
+    kind: str, coef: float, target: float | None = None, horizon: float | None = None
+) -> FixedKLController | AdaptiveKLController:
+    """ "fixed" → FixedKLController(coef); "adaptive" → AdaptiveKLController(coef, target, horizon)."""
+    if kind == "fixed":
+        return FixedKLController(coef)
+    if kind == "adaptive":
+        return AdaptiveKLController(coef, target, horizon)
+    raise ValueError(f"unknown KL controller {kind!r}; expected one of {', '.join(CONTROLLERS)}")
