@@ -34,7 +34,7 @@ from klbench.losses import ppo_clip
 from klbench.ops import masked_mean
 from klbench.reward import build_reward
 from klbench.rollout.base import RolloutBatch, SamplingParams
-from klbench.train import runstate
+from klbench.train import checkpoint, runstate
 from klbench.train.logprobs import token_logprobs, trim
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,10 @@ class Trainer:
         # periodic held-out evaluation (None when eval.every == 0 and not eval.at_end)
         self.evaluator = build_evaluator(cfg, self.tokenizer, self.run_dir, self.dist)
         self.step = 0
+        self.resumed_from = checkpoint.resolve(cfg.trainer.resume, self.run_dir)
+        if self.resumed_from is not None:
+            checkpoint.load(self, self.resumed_from)
+            log.info("resumed from %s (step %d)", self.resumed_from, self.step)
 
     # -- state -----------------------------------------------------------------------------
     def _snapshot(self) -> dict:
@@ -200,8 +204,8 @@ class Trainer:
         n_tok = mask.sum()
         metrics.update({
             "kl/rkl_k1": rkl_k1,
-            "kl/rkl_k3": self.dist.mean((kl_lib.estimate("k3", cur_logp, ref_logp) * mask).sum(-1).mean()),
-            "kl/rkl_k2": self.dist.mean((kl_lib.estimate("k2", cur_logp, ref_logp) * mask).sum(-1).mean()),
+            "kl/rkl_k3": self.dist.mean(self._seq_estimate("k3", cur_logp, ref_logp, mask)),
+            "kl/rkl_k2": self.dist.mean(self._seq_estimate("k2", cur_logp, ref_logp, mask)),
             "kl/coef": beta,
             "reward/mean": self.dist.mean(rewards.mean()),
             "reward/std": self.dist.mean(rewards.std()),
@@ -225,6 +229,11 @@ class Trainer:
                 for i in range(0, batch.num_samples, max(1, batch.num_samples // cfg.trainer.samples_per_log))
             ][: cfg.trainer.samples_per_log])
         return metrics
+
+    def _seq_estimate(self, kind: str, logp, ref_logp, mask) -> torch.Tensor:
+        """Mean over samples of the per-sequence sum of a KL estimator (padding masked before exp)."""
+        k = kl_lib.estimate(kind, logp, ref_logp, log_ratio_clamp=self.kl.log_ratio_clamp)
+        return torch.where(mask.bool(), k, 0.0).sum(-1).mean()
 
     def update(self, batch: RolloutBatch, advantages, ref_logp, beta: float, step: int) -> dict[str, float]:
         """`algo.ppo_epochs` passes over the batch in mini-batches; one optimizer step per mini-batch."""
@@ -288,18 +297,38 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------
     def fit(self, on_step=None) -> None:
-        steps = self.cfg.trainer.steps
-        while self.step < steps:
-            self.step += 1
-            metrics = self.train_step(self.step)
-            if not all(math.isfinite(v) for k, v in metrics.items() if not k.startswith("perf/")):
-                bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-                raise KlbenchError(f"non-finite metrics at step {self.step}: {', '.join(bad)}")
-            self.tracker.log(self.step, metrics)
-            if self.evaluator is not None and self.evaluator.due(self.step, steps):
-                self.tracker.log(self.step, self.evaluator(self.policy, self.engine, self.step))
-            if on_step is not None:
-                on_step(self)
+        """Run the remaining steps; checkpoint every `trainer.save_every` steps and at the end.
+
+        SIGTERM / SIGUSR1 / SIGUSR2 (SLURM preemption, timeouts) finish the current step, write a
+        checkpoint and raise `Preempted` (the caller records it and hands over to any requeue handler).
+        """
+        tcfg = self.cfg.trainer
+        steps = tcfg.steps
+        signals = checkpoint.Preemption().install()
+        try:
+            while self.step < steps:
+                self.step += 1
+                metrics = self.train_step(self.step)
+                bad = [k for k, v in metrics.items() if not k.startswith("perf/") and not math.isfinite(v)]
+                if bad:
+                    raise KlbenchError(f"non-finite metrics at step {self.step}: {', '.join(bad)}")
+                self.tracker.log(self.step, metrics)
+                if self.evaluator is not None and self.evaluator.due(self.step, steps):
+                    self.tracker.log(self.step, self.evaluator(self.policy, self.engine, self.step))
+                if on_step is not None:
+                    on_step(self)
+                if signals.received is not None:
+                    path = checkpoint.save(self, self.run_dir, tcfg.keep_last)
+                    raise checkpoint.Preempted(signals.received, path, signals)
+                if tcfg.save_every and self.step % tcfg.save_every == 0 and self.step < steps:
+                    checkpoint.save(self, self.run_dir, tcfg.keep_last)
+            if tcfg.save_every:
+                checkpoint.save(self, self.run_dir, tcfg.keep_last)
+        except checkpoint.Preempted:
+            raise
+        finally:
+            if signals.received is None:
+                signals.restore()
 
     def close(self) -> None:
         self.engine.close()

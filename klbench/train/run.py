@@ -64,12 +64,16 @@ def run_experiment(cfg: Config, run_dir: Path, *, sweep: str | None = None, tags
     import torch
     from omegaconf import OmegaConf
 
-    from klbench.train import runstate
+    from klbench.errors import KlbenchError
+    from klbench.train import checkpoint, runstate
     from klbench.train.loop import Trainer
 
     dist = runstate.from_env()
     run_dir = Path(run_dir)
     status_path = run_dir / "status.json"
+    if not cfg.trainer.resume and (run_dir / "metrics.jsonl").exists():
+        raise KlbenchError(f"{run_dir} already holds a run (metrics.jsonl): continue it with trainer.resume=auto, "
+                           "or choose another hydra.run.dir")
     started = time.perf_counter()
     status = {"status": "running", "started": now(), "host": socket.gethostname(), "pid": os.getpid(),
               "python": platform.python_version(), "torch": torch.__version__, "world_size": dist.world}
@@ -98,6 +102,15 @@ def run_experiment(cfg: Config, run_dir: Path, *, sweep: str | None = None, tags
                                      "step": trainer.step})
         tracker.finish(summary)
         return summary
+    except checkpoint.Preempted as e:
+        if dist.is_main:
+            write_json(status_path, {**status, "status": "preempted", "ended": now(), "step": trainer.step,
+                                     "checkpoint": str(e.checkpoint), "error": str(e)})
+        tracker.finish()
+        trainer.close()
+        trainer = None
+        e.signals.hand_over()  # e.g. submitit's USR2 handler: requeue this job
+        raise SystemExit(128 + e.signum) from None
     except BaseException as e:  # record why, then let the CLI report it
         if dist.is_main:
             kind = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
