@@ -156,8 +156,11 @@ def expand(overrides: list[str], multirun: bool, extra_sweeps: dict | None = Non
     return [list(c) for c in itertools.product(*axes)]
 
 
-def prevalidate(overrides: list[str], multirun: bool, config_name: str = "config") -> None:
-    """Compose and validate every job of the invocation; exit with one line on the first error."""
+def prevalidate(overrides: list[str], multirun: bool, config_name: str = "config") -> bool:
+    """Compose and validate every job of the invocation; exit with one line on the first error.
+
+    Returns whether the invocation is a multirun (`-m`, or `hydra.mode: MULTIRUN` set by a recipe).
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -170,7 +173,8 @@ def prevalidate(overrides: list[str], multirun: bool, config_name: str = "config
             base_ov = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
             try:
                 jobs = expand(overrides, multirun)
-                first = compose(config_name, overrides=[o for o in jobs[0]], return_hydra_config=True)
+                first = compose(config_name, overrides=jobs[0], return_hydra_config=True)
+                multirun = multirun or str(first.hydra.mode) == "RunMode.MULTIRUN" or first.hydra.mode == "MULTIRUN"
                 params = first.hydra.sweeper.get("params") if multirun else None
                 sweeps = OmegaConf.to_container(params) if params else {}
                 jobs = expand(base_ov, multirun, extra_sweeps=sweeps)
@@ -182,6 +186,7 @@ def prevalidate(overrides: list[str], multirun: bool, config_name: str = "config
                 fail(one_line(e))
     finally:
         GlobalHydra.instance().clear()
+    return multirun
 
 
 # -- hydra tasks --------------------------------------------------------------------------------
@@ -232,7 +237,7 @@ def hydra_app(task, argv: list[str], prog: str, config_name: str = "config") -> 
     register()
     overrides, flags, multirun = split_argv(argv)
     if not any(f in ("--help", "-h", "--hydra-help", "--info", "-i", "--version") for f in flags):
-        prevalidate(overrides, multirun, config_name)
+        multirun = prevalidate(overrides, multirun, config_name)
     sys.argv = [prog, *argv]
     hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(task)()
     from klbench.train.sweep import FAILED

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -75,8 +74,10 @@ def run_experiment(cfg: Config, run_dir: Path, *, sweep: str | None = None, tags
         raise KlbenchError(f"{run_dir} already holds a run (metrics.jsonl): continue it with trainer.resume=auto, "
                            "or choose another hydra.run.dir")
     started = time.perf_counter()
-    status = {"status": "running", "started": now(), "host": socket.gethostname(), "pid": os.getpid(),
-              "python": platform.python_version(), "torch": torch.__version__, "world_size": dist.world}
+    from klbench.provenance import git_info, machine_info
+
+    status = {"status": "running", "started": now(), "pid": os.getpid(), "python": platform.python_version(),
+              "torch": torch.__version__, "world_size": dist.world, "git": git_info(), "machine": machine_info()}
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
