@@ -63,10 +63,12 @@ class HFEngine:
 
         ids, attn = prompt_ids.to(dev), prompt_mask.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [N, P]
+        next_pos = pos[:, -1:] + 1  # [N, 1]
+        if bool(prompt_mask.all()):  # no left padding: plain causal attention, no mask to build
+            attn = pos = next_pos = None
         cache = DynamicCache()
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
-        next_pos = pos[:, -1:] + 1  # [N, 1]
         tokens, logps = [], []
         finished = torch.zeros(n, dtype=torch.bool, device=dev)
         alive = []
@@ -81,10 +83,12 @@ class HFEngine:
             finished = finished | (tok.squeeze(-1) == self.eos_id)
             if bool(finished.all()) or t == params.max_new_tokens - 1:
                 break
-            attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=dev)], dim=1)
+            if attn is not None:
+                attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=dev)], dim=1)
             out = model(input_ids=tokens[-1][:, None], attention_mask=attn, position_ids=next_pos,
                         past_key_values=out.past_key_values, use_cache=True)
-            next_pos = next_pos + 1
+            if next_pos is not None:
+                next_pos = next_pos + 1
         if was_training:
             model.train()
         response_mask = torch.stack(alive, 1).float()  # [N, R]

@@ -18,10 +18,15 @@ def token_logprobs(
     """
     dev = next(model.parameters()).device
     ids = batch.input_ids().to(dev)  # [N, P+R]
-    attn = batch.attention_mask().to(dev)  # [N, P+R]
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
     resp = batch.response_ids.to(dev)  # [N, R]
     r = resp.shape[1]
+    if bool(batch.prompt_mask.all()):
+        # No left padding: causal attention alone is right for every real token (right padding only
+        # follows them), so skip building a 4-D mask -- a large share of a tiny model's forward.
+        attn = pos = None
+    else:
+        attn = batch.attention_mask().to(dev)  # [N, P+R]
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=r + 1)
     logits = out.logits[:, :-1].float()  # [N, R, V]: position P-1+t predicts response token t
     if temperature != 1.0:

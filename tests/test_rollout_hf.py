@@ -1,0 +1,81 @@
+"""The HF rollout engine: shapes, EOS, seeding, top-p, and behaviour log-probs equal to the trainer's."""
+
+import pytest
+import torch
+
+from klbench.config import ModelConfig
+from klbench.data import synthetic
+from klbench.models import load_causal_lm, load_tokenizer
+from klbench.rollout.base import SamplingParams
+from klbench.rollout.hf import HFEngine, left_pad, top_p_filter
+from klbench.train.logprobs import token_logprobs, trim
+
+
+@pytest.fixture(scope="module")
+def engine_and_model(miniature_dir):
+    tok = load_tokenizer(str(miniature_dir))
+    model = load_causal_lm(str(miniature_dir), ModelConfig(), torch.device("cpu"), trainable=True)
+    return HFEngine(model, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id), model, tok
+
+
+def prompts(tok, ragged: bool):
+    qs = [ex.question for ex in synthetic.problems(0, 3, 6)]
+    if ragged:  # different lengths force left padding and the masked path
+        qs = [q if i % 2 else "  " * i + q for i, q in enumerate(qs)]
+    return [tok.encode(q) for q in qs]
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_batch_shapes_eos_and_logprobs_match_trainer(engine_and_model, ragged):
+    engine, model, tok = engine_and_model
+    batch = engine.generate(prompts(tok, ragged), SamplingParams(n=4, max_new_tokens=12, temperature=0.8, seed=1))
+    n = 24
+    assert batch.prompt_ids.shape[0] == batch.response_ids.shape[0] == n
+    assert batch.group.tolist() == [i for i in range(6) for _ in range(4)]
+    mask = batch.response_mask
+    lengths = mask.sum(1).long()
+    for i in range(n):  # EOS is the last real token of every finished row, padding after it
+        ids = batch.response_ids[i]
+        ln = lengths[i].item()
+        assert (ids[ln:] == tok.pad_token_id).all()
+        assert (ids[: ln - 1] != tok.eos_token_id).all()
+        assert ids[ln - 1] == tok.eos_token_id or ln == 12
+    assert (batch.behaviour_logp[mask == 0] == 0).all() and (batch.behaviour_logp[mask > 0] < 0).all()
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, trim(batch), temperature=0.8)
+    diff = (logp - trim(batch).behaviour_logp).abs().max().item()
+    assert diff < 1e-4, f"behaviour log-probs differ from the trainer's by {diff}"
+
+
+def test_seeded_reproducible_and_seed_sensitive(engine_and_model):
+    engine, _, tok = engine_and_model
+    p = prompts(tok, False)
+    a = engine.generate(p, SamplingParams(n=4, max_new_tokens=10, seed=7))
+    b = engine.generate(p, SamplingParams(n=4, max_new_tokens=10, seed=7))
+    c = engine.generate(p, SamplingParams(n=4, max_new_tokens=10, seed=8))
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.behaviour_logp, b.behaviour_logp)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_top_p_filter_hand_values():
+    logp = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    out = top_p_filter(logp, 0.8).exp()  # {0.5, 0.3} reach 0.8: renormalised to 0.625 / 0.375
+    torch.testing.assert_close(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert top_p_filter(logp, 1.0) is logp
+    out = top_p_filter(logp, 0.4).exp()  # the top token alone reaches 0.4
+    torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_top_p_sampling_never_leaves_the_nucleus(engine_and_model):
+    engine, model, tok = engine_and_model
+    batch = engine.generate(prompts(tok, False), SamplingParams(n=8, max_new_tokens=6, top_p=0.5, seed=3))
+    # with top-p the behaviour log-probs are of the truncated distribution: >= the full model's
+    with torch.no_grad():
+        full, _ = token_logprobs(model, trim(batch))
+    m = trim(batch).response_mask > 0
+    assert (trim(batch).behaviour_logp[m] >= full[m] - 1e-5).all()
+
+
+def test_left_pad():
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
