@@ -70,6 +70,8 @@ def run_experiment(cfg: Config, run_dir: Path, *, sweep: str | None = None, tags
     dist = runstate.from_env()
     run_dir = Path(run_dir)
     status_path = run_dir / "status.json"
+    if not cfg.trainer.resume and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
+        cfg.trainer.resume = "auto"  # a requeued SLURM job (preemption / timeout) continues its run
     if not cfg.trainer.resume and (run_dir / "metrics.jsonl").exists():
         raise KlbenchError(f"{run_dir} already holds a run (metrics.jsonl): continue it with trainer.resume=auto, "
                            "or choose another hydra.run.dir")
@@ -78,6 +80,10 @@ def run_experiment(cfg: Config, run_dir: Path, *, sweep: str | None = None, tags
 
     status = {"status": "running", "started": now(), "pid": os.getpid(), "python": platform.python_version(),
               "torch": torch.__version__, "world_size": dist.world, "git": git_info(), "machine": machine_info()}
+    slurm_job = "_".join(os.environ[k] for k in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID") if k in os.environ)
+    if slurm_job or os.environ.get("SLURM_JOB_ID"):
+        status["slurm_job"] = slurm_job or os.environ["SLURM_JOB_ID"]
+        status["slurm_restarts"] = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
