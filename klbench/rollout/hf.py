@@ -56,19 +56,26 @@ class HFEngine:
         model, dev = self.model, self.device
         was_training = model.training
         model.eval()
-        rows = [p for p in prompts for _ in range(params.n)]
-        prompt_ids, prompt_mask = left_pad(rows, self.pad_id)  # [N, P]
+        g = params.n
+        unique_ids, unique_mask = left_pad(prompts, self.pad_id)  # [B, P]
+        prompt_ids, prompt_mask = unique_ids.repeat_interleave(g, 0), unique_mask.repeat_interleave(g, 0)  # [N, P]
         n = prompt_ids.shape[0]
         gen = torch.Generator(device=dev).manual_seed(params.seed)
 
-        ids, attn = prompt_ids.to(dev), prompt_mask.to(dev)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [N, P]
-        next_pos = pos[:, -1:] + 1  # [N, 1]
+        # Prefill each prompt once, then give each of its G samples a copy of its KV cache.
+        ids, attn = unique_ids.to(dev), unique_mask.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        next_pos = pos[:, -1:].repeat_interleave(g, 0) + 1  # [N, 1]
         if bool(prompt_mask.all()):  # no left padding: plain causal attention, no mask to build
             attn = pos = next_pos = None
         cache = DynamicCache()
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
+        if g > 1:
+            cache.batch_repeat_interleave(g)
+            out.logits = out.logits.repeat_interleave(g, 0)
+        if attn is not None:
+            attn = attn.repeat_interleave(g, 0)  # [N, P]
         tokens, logps = [], []
         finished = torch.zeros(n, dtype=torch.bool, device=dev)
         alive = []
@@ -86,7 +93,7 @@ class HFEngine:
             if attn is not None:
                 attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=dev)], dim=1)
             out = model(input_ids=tokens[-1][:, None], attention_mask=attn, position_ids=next_pos,
-                        past_key_values=out.past_key_values, use_cache=True)
+                        past_key_values=cache, use_cache=True)
             if next_pos is not None:
                 next_pos = next_pos + 1
         if was_training:

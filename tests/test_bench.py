@@ -1,0 +1,207 @@
+"""`klbench bench`: the settings that make klbench's and TRL's steps identical, the checks on what each
+side did per step, and the CI short mode end to end (skipped with a reason when TRL is not installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+from klbench import bench
+
+pytestmark = pytest.mark.bench
+
+HAS_TRL = importlib.util.find_spec("trl") is not None and importlib.util.find_spec("psutil") is not None
+NEEDS_TRL = pytest.mark.skipif(not HAS_TRL, reason="TRL is not installed (pip install -e '.[bench]')")
+
+
+def test_trl_settings_are_the_comparable_ones():
+    s = bench.trl_settings(steps=5, seed=0, output_dir="/tmp/x", device="cpu")
+    assert s["beta"] == 0.2
+    assert s["loss_type"] == "grpo"  # per-sequence token mean, not TRL's default "dapo"
+    assert s["num_generations"] == 8
+    assert s["max_completion_length"] == 14
+    assert s["use_bias_correction_kl"] is False
+    assert s["gradient_checkpointing"] is False
+    assert s["bf16"] is False and s["fp16"] is False
+    assert s["per_device_train_batch_size"] == 128  # completions, not prompts
+    assert s["gradient_accumulation_steps"] == 1 and s["num_iterations"] == 1
+    assert s["top_k"] == 0 and s["top_p"] == 1.0 and s["temperature"] == 1.0
+    assert s["use_vllm"] is False
+    assert s["lr_scheduler_type"] == "constant" and s["learning_rate"] == 1e-4
+    assert (s["adam_beta1"], s["adam_beta2"]) == (0.9, 0.99) and s["max_grad_norm"] == 1.0
+    assert s["shuffle_dataset"] is False and s["max_steps"] == 5
+
+
+@NEEDS_TRL
+def test_trl_accepts_the_settings_as_one_generation_round_per_step(tmp_path):
+    from trl import GRPOConfig
+
+    args = GRPOConfig(**bench.trl_settings(steps=5, seed=0, output_dir=str(tmp_path), device="cpu"))
+    assert args.generation_batch_size == 128
+    assert args.steps_per_generation == 1
+    assert args.beta == 0.2 and args.loss_type == "grpo" and args.use_bias_correction_kl is False
+
+
+def test_klbench_side_composes_the_same_step(tmp_path):
+    spec = bench.WorkerSpec(
+        side="klbench", workload="1m", model_dir=str(tmp_path), steps=4, warmup=1, threads=1
+    )
+    cfg = bench.klbench_config(spec)
+    assert (cfg.kl.estimator, cfg.kl.placement, cfg.kl.level, cfg.kl.off_policy) == (
+        "k3",
+        "loss",
+        "token",
+        "none",
+    )
+    assert cfg.kl.coef == 0.2 and cfg.kl.controller == "fixed"
+    assert cfg.algo.loss_agg == "seq_mean_token_mean" and cfg.algo.advantage == "grpo"
+    assert (cfg.algo.group_size, cfg.algo.prompts_per_step, cfg.algo.ppo_epochs) == (8, 16, 1)
+    assert cfg.algo.mini_batch_size is None and cfg.algo.std_eps == 1e-4 and cfg.algo.clip_eps == 0.2
+    assert (cfg.rollout.engine, cfg.rollout.max_new_tokens, cfg.rollout.temperature) == ("hf", 14, 1.0)
+    assert cfg.trainer.lr == 1e-4 and (cfg.trainer.adam_beta1, cfg.trainer.adam_beta2) == (0.9, 0.99)
+    assert cfg.trainer.steps == 5 and cfg.trainer.threads == 1 and cfg.trainer.lr_schedule == "constant"
+    assert cfg.model.name_or_path == str(tmp_path) and cfg.model.dtype == "float32"
+    assert (
+        cfg.data.source == "synthetic" and cfg.data.prompt.template == "raw" and cfg.data.trait_bonus == 0.5
+    )
+    assert cfg.logger.wandb is False and cfg.eval.every == 0
+
+
+def test_scratch_model_cannot_end_a_completion_early(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny = bench.Workload("tiny", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    path = bench.model_dir_for(tiny, tmp_path)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.vocab_size == tok.eos_token_id == 257  # bytes + pad, no EOS row
+    ids = torch.tensor([tok.encode("07+3*8=")] * 64)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=True,
+        max_new_tokens=14,
+        top_k=0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    assert out.shape == (64, ids.shape[1] + 14)
+    with_eos = bench.model_dir_for(tiny, tmp_path, eos_row=True)
+    assert json.loads((with_eos / "config.json").read_text())["vocab_size"] == 258
+
+
+@pytest.mark.parametrize(("name", "low", "high"), [("25m", 24e6, 26e6), ("100m", 95e6, 105e6)])
+def test_workload_sizes_match_their_names(name, low, high):
+    import torch
+
+    from klbench.config import ModelConfig
+    from klbench.models import build_miniature
+
+    w = bench.WORKLOADS[name]
+    arch = ModelConfig(
+        hidden_size=w.hidden_size,
+        num_layers=w.num_layers,
+        num_heads=w.num_heads,
+        intermediate_size=w.intermediate_size,
+    )
+    with torch.device("meta"):
+        model = build_miniature(arch, 257, 256, 257, seed=0)
+    assert low < sum(p.numel() for p in model.parameters()) < high
+
+
+def _run(side, steps, per_step=None):
+    per_step = per_step or {}
+    return {
+        "side": side,
+        "peak_rss_bytes": 2**30,
+        "startup_s": 1.0,
+        "steps": [
+            {
+                "step": s,
+                "generate_calls": 1,
+                "optimizer_steps": 1,
+                "completions": 128,
+                "completion_tokens": 128 * 14,
+                "step_s": 0.5,
+                **per_step.get(s, {}),
+            }
+            for s in steps
+        ],
+    }
+
+
+def test_check_identical_work_flags_extra_rounds_and_short_completions():
+    spec = bench.WorkerSpec(side="trl", workload="25m", model_dir="m", steps=3, warmup=0, threads=1)
+    assert bench.check_identical_work(_run("trl", [1, 2, 3]), spec, scratch=True) == []
+    bad = _run(
+        "trl", [1, 2, 3], {2: {"generate_calls": 2}, 3: {"completion_tokens": 1700, "optimizer_steps": 0}}
+    )
+    problems = bench.check_identical_work(bad, spec, scratch=True)
+    assert len(problems) == 3
+    assert "step 2: 2 generation rounds" in problems[0]
+    assert any("step 3: 0 optimizer steps" in p for p in problems)
+    assert any("step 3: 1700 generated tokens" in p for p in problems)
+    # the 1m miniature samples EOS: fewer tokens is not a problem there
+    assert bench.check_identical_work(bad, spec, scratch=False)[1:] == [problems[1]]
+
+
+def test_summary_skips_warmup_and_ratios_pair_repetitions():
+    fast = _run("klbench", [1, 2, 3], {1: {"step_s": 9.0}, 2: {"step_s": 0.2}, 3: {"step_s": 0.4}})
+    s = bench.summarize_run(fast, warmup=1)
+    assert math.isclose(s["s_per_step"], 0.3) and math.isclose(s["samples_per_s"], 128 / 0.3)
+    assert s["peak_rss_mib"] == 1024
+    runs = {
+        "klbench": [{"s_per_step": 1.0, "step_s_median": 1.0}, {"s_per_step": 2.0, "step_s_median": 1.0}],
+        "trl": [{"s_per_step": 3.0, "step_s_median": 1.5}, {"s_per_step": 2.0, "step_s_median": 2.0}],
+    }
+    agg = bench.aggregate(runs, "klbench", ["trl"])
+    assert agg["ratios"]["trl"] == {"min": 1.0, "median": 2.0, "max": 3.0}
+    assert agg["ratios_of_median_steps"]["trl"] == {"min": 1.5, "median": 1.75, "max": 2.0}
+    assert agg["sides"]["klbench"]["s_per_step"] == {"min": 1.0, "median": 1.5, "max": 2.0}
+
+
+def test_busy_machine_is_flagged():
+    assert bench.load_note([0.4, 0.3, 0.2], [0.9, 0.5, 0.3], cores=2) is None
+    note = bench.load_note([0.4, 0.3, 0.2], [3.5, 1.0, 0.5], cores=2)
+    assert "3.50 on 2 cores" in note and "rerun on a quiet machine" in note
+
+
+def test_without_trl_it_says_how_to_install(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a)
+    )
+    assert bench.main(["--short"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install -e '.[bench]'" in err
+
+
+@pytest.mark.slow
+@NEEDS_TRL
+def test_short_mode_times_both_sides_and_prints_the_ratio(run_cli, miniature_cache, tmp_path):
+    proc = run_cli("bench", "--short", "--out", str(tmp_path), timeout=600)
+    out = proc.stdout
+    for line in ("[1m]   klbench: ", "[1m]   trl: ", "ratio trl/klbench s/step: "):
+        assert line in out, out
+    report = json.loads((tmp_path / "bench-1m-short.json").read_text())
+    assert (
+        (tmp_path / "bench-1m-short.md").read_text().startswith("# klbench vs TRL GRPOTrainer: workload 1m")
+    )
+    assert report["steps"] == 3 and report["warmup"] == 1 and report["reps"] == 1 and report["threads"] == 1
+    assert len(report["commit"]["commit"]) == 40 or report["commit"]["commit"] == "unknown"
+    assert report["machine"]["logical_cores"] >= 1 and "trl" in report["versions"]
+    for side in ("klbench", "trl"):
+        run = report["runs"][side][0]
+        assert [r["step"] for r in run["steps"]] == [1, 2, 3, 4]
+        for r in run["steps"]:
+            assert (r["generate_calls"], r["optimizer_steps"], r["completions"]) == (1, 1, 128)
+            assert 0 < r["completion_tokens"] <= 128 * 14 and r["step_s"] > 0
+        assert run["peak_rss_bytes"] > 100 * 2**20 and run["torch_threads"] == 1
+        assert report["summary"]["sides"][side]["s_per_step"]["median"] > 0
+    ratio = report["summary"]["ratios"]["trl"]["median"]
+    assert math.isfinite(ratio) and ratio > 0
+    assert report["settings"]["optimizers"]["trl"].startswith("AdamW")
