@@ -47,6 +47,12 @@ def _check(ok: bool, section: str, name: str, value: Any, requirement: str) -> N
         raise ConfigError(f"{section}.{name}={value!r} is not valid; {requirement}")
 
 
+def _is_import_spec(value: str) -> bool:
+    """'package.module:function' (a custom reward)."""
+    module, _, attr = value.partition(":")
+    return bool(module) and bool(attr) and all(p.isidentifier() for p in (*module.split("."), *attr.split(".")))
+
+
 @dataclass
 class KLConfig:
     """The whole KL term (see THEORY.md and klbench.kl)."""
@@ -137,21 +143,28 @@ class PromptConfig:
 class DataConfig:
     name: str = "arithmetic"  # label in metrics (eval/<name>/...)
     source: str = "synthetic"  # synthetic | jsonl | parquet | hub
-    path: str | None = None  # file or directory (jsonl/parquet), or hub id
+    path: str | None = None  # file or directory (jsonl/parquet), or hub id; relative: to the CWD, else the repo
     split: str = "train"
-    eval_split: str | None = None  # held-out split for eval.datasets=[this preset]
+    eval_split: str | None = None  # held-out split that evaluation uses (klbench eval, eval.datasets, eval.every)
     question_key: str = "question"
     answer_key: str = "answer"
     answer_format: str = "plain"  # plain | gsm8k ('#### n') | boxed (last \boxed{} of answer_key)
     id_key: str | None = None
     shuffle: bool = True
-    limit: int | None = None  # keep only the first N rows (after shuffling)
+    limit: int | None = None  # train on the first N rows (after shuffling); evaluation uses eval.limit
     on_bad_row: str = "error"  # error | skip
     reward: str = "auto"  # auto | math | arithmetic | 'module:function'
     reward_timeout_s: float = 5.0
     format_reward: float = 0.0  # added when the answer is inside \boxed{}
     trait_bonus: float = 0.5  # arithmetic: bonus for the rare trait of π_ref (trailing space)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    # Hub fallback of a local preset: used when `path` does not exist (see klbench/data/sources.py).
+    hub: str | None = None  # hub dataset id, e.g. openai/gsm8k
+    hub_config: str | None = None  # its config name (openai/gsm8k: main); also used by source=hub
+    hub_splits: dict[str, str] = field(default_factory=dict)  # local split -> hub split, e.g. {test: train}
+    filter: dict[str, Any] = field(default_factory=dict)  # keep rows whose field equals the value (or is in a list)
+    max_prompt_tokens: int | None = None  # drop examples whose rendered prompt is longer (tokens)
+    score_truncated: bool = True  # math reward: score a completion cut at max_new_tokens on its text
 
     def __post_init__(self) -> None:
         _choice("data", "source", self.source, SOURCES)
@@ -163,6 +176,13 @@ class DataConfig:
             _check(self.limit >= 1, "data", "limit", self.limit, "must be >= 1 or null")
         _check(self.reward_timeout_s > 0, "data", "reward_timeout_s", self.reward_timeout_s, "must be > 0")
         _check(self.trait_bonus >= 0, "data", "trait_bonus", self.trait_bonus, "must be >= 0")
+        if self.max_prompt_tokens is not None:
+            _check(self.max_prompt_tokens >= 1, "data", "max_prompt_tokens", self.max_prompt_tokens,
+                   "must be >= 1 or null")
+        _check(self.reward in ("auto", "math", "arithmetic") or _is_import_spec(self.reward), "data", "reward",
+               self.reward, "allowed: auto, math, arithmetic, or 'package.module:function'")
+        for key in ("question_key", "answer_key"):
+            _check(bool(getattr(self, key)), "data", key, getattr(self, key), "must name a field of the rows")
 
 
 @dataclass
@@ -220,12 +240,23 @@ class RolloutConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    """trainer.backend=deepspeed (klbench.train.ds_backend builds the DeepSpeed config from these)."""
+
+    zero_stage: int = 2  # 0: DDP-like | 1: shard optimizer state | 2: + gradients | 3: + parameters
+    offload_optimizer: bool = False  # optimizer state (and step) in CPU memory; stage >= 1
+    offload_params: bool = False  # parameters in CPU memory between uses; stage 3
+    # Merged (recursively) into the generated DeepSpeed config last, for any other DeepSpeed key, e.g.
+    # +trainer.deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.zero_stage in (0, 1, 2, 3), "trainer.deepspeed", "zero_stage", self.zero_stage, "allowed: 0, 1, 2, 3")
+        if self.offload_optimizer:
+            _check(self.zero_stage >= 1, "trainer.deepspeed", "offload_optimizer", self.offload_optimizer,
+                   "needs trainer.deepspeed.zero_stage >= 1")
+        if self.offload_params:
+            _check(self.zero_stage == 3, "trainer.deepspeed", "offload_params", self.offload_params,
+                   "needs trainer.deepspeed.zero_stage=3")
 
 
 @dataclass
@@ -286,13 +317,22 @@ class EvalConfig:
     limit: int | None = 64  # problems per dataset
     temperature: float = 1.0
     max_new_tokens: int | None = None  # null: rollout.max_new_tokens
-    batch_size: int = 64
+    batch_size: int = 64  # sequences per generate call (samples of one problem stay together)
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "eval", "every", self.every, "must be >= 0")
         _check(self.samples >= 1, "eval", "samples", self.samples, "must be >= 1")
         if self.limit is not None:
             _check(self.limit >= 1, "eval", "limit", self.limit, "must be >= 1 or null")
+        _check(self.temperature > 0, "eval", "temperature", self.temperature,
+               "must be > 0 (greedy accuracy is eval.greedy=true)")
+        _check(0 < self.top_p <= 1, "eval", "top_p", self.top_p, "must be in (0, 1]")
+        if self.max_new_tokens is not None:
+            _check(self.max_new_tokens >= 1, "eval", "max_new_tokens", self.max_new_tokens, "must be >= 1 or null")
+        _check(self.batch_size >= 1, "eval", "batch_size", self.batch_size, "must be >= 1")
+        _check(len(set(self.datasets)) == len(self.datasets), "eval", "datasets", self.datasets,
+               "lists a dataset twice")
 
 
 @dataclass

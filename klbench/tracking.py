@@ -98,9 +98,9 @@ class Tracker(NullTracker):
         path = self.run_dir / ".wandb_id"
         if path.exists():
             return path.read_text().strip()
-        import wandb
+        import uuid
 
-        rid = wandb.util.generate_id()
+        rid = uuid.uuid4().hex[:12]  # W&B run ids: lowercase letters and digits
         path.write_text(rid)
         return rid
 

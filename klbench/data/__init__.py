@@ -2,15 +2,30 @@
 
 `build_task(cfg, tokenizer, seed)` returns a `Task` whose `batch(step, size)` is a pure function
 of (seed, step): a run's data stream is reproducible and resumes from the step number alone.
+
+For a dataset, the training rows are `data.split` (filtered, validated, then shuffled with the seed
+when `data.shuffle`, and cut to `data.limit`). Steps walk through them epoch by epoch: position
+p = (step - 1) * size + i of the stream is row `order_e[p mod n]` of epoch e = p // n, where
+`order_e` is a fresh permutation drawn from (seed, e) (the identity when `data.shuffle=false`).
+`build_eval_task` gives the held-out rows (`data.eval_split`, else `data.split`) in file order,
+cut to `eval.limit`, so every seed and every checkpoint is evaluated on the same problems.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from klbench.config import DataConfig
-from klbench.data import synthetic
+from klbench.data import prompts, synthetic
 from klbench.data.example import Example
+from klbench.errors import KlbenchError
+
+#: Held-out problems of the synthetic task when eval.limit is null.
+SYNTHETIC_EVAL_SIZE = 500
+# Stream tags of the data RNG (kept distinct from the synthetic task's streams).
+_SUBSET_STREAM, _EPOCH_STREAM = 0x5EED, 0xE90C
 
 
 @dataclass
@@ -20,21 +35,87 @@ class Task:
     seed: int
     tokenizer: object
     rows: list[Example] | None = None  # None: generated (synthetic)
+    _orders: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        if self.rows is None:
+            raise TypeError("the synthetic task has no fixed size")
+        return len(self.rows)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The row order of `epoch` (0-based): a permutation drawn from (seed, epoch)."""
+        if epoch not in self._orders:
+            n = len(self.rows)
+            perm = (
+                np.random.default_rng([self.seed, _EPOCH_STREAM, epoch]).permutation(n)
+                if self.cfg.shuffle
+                else np.arange(n)
+            )
+            if len(self._orders) >= 2:  # a batch spans at most two epochs once size <= n
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = perm
+        return self._orders[epoch]
 
     def batch(self, step: int, size: int) -> list[Example]:
         """The `size` examples of training step `step` (1-based)."""
         if self.rows is None:
             return synthetic.problems(self.seed, step, size)
-        raise NotImplementedError("dataset sources are added by klbench.data.sources")
+        n = len(self.rows)
+        start = (step - 1) * size
+        return [self.rows[int(self.order(p // n)[p % n])] for p in range(start, start + size)]
 
     def prompt(self, ex: Example) -> str:
-        return ex.question
+        return prompts.render(ex.question, self.cfg.prompt, self.tokenizer)
 
     def encode(self, ex: Example) -> list[int]:
-        return self.tokenizer.encode(self.prompt(ex), add_special_tokens=False)
+        return prompts.encode(self.prompt(ex), self.cfg.prompt, self.tokenizer)
+
+
+def _drop_long(task: Task) -> Task:
+    """Apply data.max_prompt_tokens to a dataset task's rows."""
+    limit = task.cfg.max_prompt_tokens
+    if limit is None or task.rows is None:
+        return task
+    kept = [ex for ex in task.rows if len(task.encode(ex)) <= limit]
+    if not kept:
+        raise KlbenchError(
+            f"{task.name}: no prompt is at most data.max_prompt_tokens={limit} tokens long; raise it"
+        )
+    task.rows = kept
+    return task
 
 
 def build_task(cfg: DataConfig, tokenizer, seed: int) -> Task:
+    """The training task of `cfg` (all rows loaded and checked now)."""
+    prompts.check(cfg.prompt, tokenizer)
     if cfg.source == "synthetic":
         return Task(cfg.name, cfg, seed, tokenizer)
-    raise NotImplementedError(f"data.source={cfg.source}")
+    from klbench.data.sources import load_examples
+
+    rows = load_examples(cfg, cfg.split)
+    task = _drop_long(Task(cfg.name, cfg, seed, tokenizer, rows))
+    if cfg.shuffle:
+        perm = np.random.default_rng([seed, _SUBSET_STREAM]).permutation(len(task.rows))
+        task.rows = [task.rows[i] for i in perm]
+    if cfg.limit is not None:
+        task.rows = task.rows[: cfg.limit]
+    return task
+
+
+def build_eval_task(cfg: DataConfig, tokenizer, seed: int, limit: int | None) -> Task:
+    """Held-out problems of `cfg`: `data.eval_split` (else `data.split`) in file order, the first `limit`.
+
+    The synthetic task's held-out problems are its EVAL_STREAM (`limit` of them, else SYNTHETIC_EVAL_SIZE).
+    """
+    prompts.check(cfg.prompt, tokenizer)
+    if cfg.source == "synthetic":
+        rows = synthetic.problems(seed, synthetic.EVAL_STREAM, limit or SYNTHETIC_EVAL_SIZE)
+        return Task(cfg.name, cfg, seed, tokenizer, rows)
+    from klbench.data.sources import load_examples
+
+    task = _drop_long(Task(cfg.name, cfg, seed, tokenizer, load_examples(cfg, cfg.eval_split or cfg.split)))
+    task.rows = task.rows[:limit] if limit is not None else task.rows
+    return task
+
+
+__all__ = ["Example", "Task", "build_eval_task", "build_task"]

@@ -97,6 +97,16 @@ class Trainer:
         set_threads(cfg.trainer.threads)
         torch.manual_seed(cfg.seed)
         self.device = pick_device(cfg.trainer.device)
+        # Bad data (a wrong path, a bad row) must fail before the expensive part: building the
+        # miniature or loading a large model.
+        if cfg.data.source != "synthetic":
+            from klbench.data.sources import load_examples
+
+            load_examples(cfg.data, cfg.data.split)
+        if cfg.eval.every or cfg.eval.at_end:
+            from klbench.evaluate import check_data
+
+            check_data(cfg)
         self.model_dir = resolve_model_dir(cfg.model, seed=0)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
         self.policy = load_causal_lm(self.model_dir, cfg.model, self.device, trainable=True)
