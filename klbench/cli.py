@@ -189,6 +189,32 @@ def prevalidate(overrides: list[str], multirun: bool, config_name: str = "config
     return multirun
 
 
+def launcher_overrides(overrides: list[str]) -> list[str]:
+    """Under torchrun / deepspeed (WORLD_SIZE > 1) every rank takes rank 0's run directory.
+
+    Hydra resolves `${now:...}` in each process, and two processes can straddle a second. This joins
+    the process group early (run_experiment reuses it) and broadcasts rank 0's resolved
+    hydra.run.dir; ranks > 0 leave the `.hydra/` record to rank 0.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return []
+    import torch.distributed as dist
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from klbench.train import runstate
+
+    runstate.from_env()
+    run_dir = [None]
+    if dist.get_rank() == 0:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="klbench"):
+            run_dir[0] = compose("config", overrides=overrides, return_hydra_config=True).hydra.run.dir
+        GlobalHydra.instance().clear()
+    dist.broadcast_object_list(run_dir, src=0)
+    return [f"hydra.run.dir={run_dir[0]}"] + (["hydra.output_subdir=null"] if dist.get_rank() > 0 else [])
+
+
 # -- hydra tasks --------------------------------------------------------------------------------
 def _job_context():
     """(run_dir, sweep name or None, tags) of the current Hydra job."""
@@ -238,6 +264,8 @@ def hydra_app(task, argv: list[str], prog: str, config_name: str = "config") -> 
     overrides, flags, multirun = split_argv(argv)
     if not any(f in ("--help", "-h", "--hydra-help", "--info", "-i", "--version") for f in flags):
         multirun = prevalidate(overrides, multirun, config_name)
+        if not multirun:
+            argv = [*argv, *launcher_overrides(overrides)]
     sys.argv = [prog, *argv]
     hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(task)()
     from klbench.train.sweep import FAILED

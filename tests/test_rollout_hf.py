@@ -7,7 +7,7 @@ from klbench.config import ModelConfig
 from klbench.data import synthetic
 from klbench.models import load_causal_lm, load_tokenizer
 from klbench.rollout.base import SamplingParams
-from klbench.rollout.hf import HFEngine, left_pad, top_p_filter
+from klbench.rollout.hf import HFEngine, left_pad, sample_tokens, top_p_filter
 from klbench.train.logprobs import token_logprobs, trim
 
 
@@ -79,3 +79,14 @@ def test_top_p_sampling_never_leaves_the_nucleus(engine_and_model):
 def test_left_pad():
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    n = 200_000
+    u = 1.0 - torch.rand((n, 1), generator=torch.Generator().manual_seed(0))
+    tok = sample_tokens(probs.log().expand(n, -1), u).squeeze(-1)
+    freq = torch.bincount(tok, minlength=5).double() / n
+    assert freq[1] == 0.0  # a zero-probability token is never drawn
+    sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() <= 4 * sigma + 1e-12).all(), freq

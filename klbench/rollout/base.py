@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -14,7 +15,20 @@ class SamplingParams:
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int = 0  # seeds the engine's sampler for this call
+    seed: int = 0  # seeds the engine's sampler for this call (per-prompt seeds are drawn from it)
+    # One seed per prompt, overriding `seed`: prompt i's G samples depend only on prompt_seeds[i], not
+    # on the other prompts of the call (so data-parallel ranks sample exactly what one process does).
+    prompt_seeds: tuple[int, ...] | None = None
+
+
+def prompt_seeds(params: SamplingParams, num_prompts: int) -> list[int]:
+    """The seed of each prompt's samples: `params.prompt_seeds`, else a stream drawn from `params.seed`."""
+    if params.prompt_seeds is not None:
+        if len(params.prompt_seeds) != num_prompts:
+            raise ValueError(f"{len(params.prompt_seeds)} prompt_seeds for {num_prompts} prompts")
+        return list(params.prompt_seeds)
+    rng = random.Random(params.seed)
+    return [rng.randrange(2**31 - params.n) for _ in range(num_prompts)]
 
 
 @dataclass

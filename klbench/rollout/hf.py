@@ -2,8 +2,10 @@
 
 It drives the model's forward pass with a `DynamicCache` instead of calling `generate()`, for
 three reasons: the behaviour log-probs are those of the exact distribution sampled from
-(temperature and top-p applied), sampling uses a seeded `torch.Generator` so a run is
-reproducible, and no per-step logits-processor machinery runs (the miniature is overhead-bound).
+(temperature and top-p applied), each prompt's samples come from its own seeded
+`torch.Generator` (`SamplingParams.prompt_seeds`) so a run is reproducible and a prompt's samples do
+not depend on which rank or batch it lands in, and no per-step logits-processor machinery runs (the
+miniature is overhead-bound).
 It samples from a live module (the policy, or the loop's lagged copy for stale rollouts), so a
 weight sync costs nothing.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from klbench.rollout.base import RolloutBatch, SamplingParams
+from klbench.rollout.base import RolloutBatch, SamplingParams, prompt_seeds
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +40,12 @@ def top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
 
 
+def sample_tokens(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: row i of `logp` `[N, V]` with its uniform `u[i]` in (0, 1] → token `[N, 1]`."""
+    cdf = logp.exp().cumsum(-1)  # [N, V]
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)
+
+
 class HFEngine:
     """Samples with an HF causal LM (the trainer's policy, or a lagged copy for stale rollouts)."""
 
@@ -60,7 +68,13 @@ class HFEngine:
         unique_ids, unique_mask = left_pad(prompts, self.pad_id)  # [B, P]
         prompt_ids, prompt_mask = unique_ids.repeat_interleave(g, 0), unique_mask.repeat_interleave(g, 0)  # [N, P]
         n = prompt_ids.shape[0]
-        gen = torch.Generator(device=dev).manual_seed(params.seed)
+        # Each prompt's G x T uniforms come from its own generator, drawn once per call; a token is
+        # then picked by inverse CDF for all rows at once (one searchsorted per decoding step).
+        uniforms = torch.cat([
+            1.0 - torch.rand((g, params.max_new_tokens), generator=torch.Generator(device=dev).manual_seed(s),
+                             device=dev)  # (0, 1]: a zero-probability token can never be picked
+            for s in prompt_seeds(params, len(prompts))
+        ])  # [N, T]
 
         # Prefill each prompt once, then give each of its G samples a copy of its KV cache.
         ids, attn = unique_ids.to(dev), unique_mask.to(dev)
@@ -82,7 +96,7 @@ class HFEngine:
         for t in range(params.max_new_tokens):
             logp = torch.log_softmax(out.logits[:, -1].float() / params.temperature, dim=-1)  # [N, V]
             logp = top_p_filter(logp, params.top_p)
-            tok = torch.multinomial(logp.exp(), 1, generator=gen)  # [N, 1]
+            tok = sample_tokens(logp, uniforms[:, t : t + 1])  # [N, 1]
             tok_logp = logp.gather(-1, tok).squeeze(-1)  # [N]
             alive.append(~finished)
             tokens.append(torch.where(finished, self.pad_id, tok.squeeze(-1)))

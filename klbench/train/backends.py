@@ -2,11 +2,15 @@
 
 A backend owns the optimizer and LR schedule. `model` is what training forwards must go through
 (the DDP / DeepSpeed wrapper), `step(loss)` does backward + clip + optimizer step and returns the
-pre-clip gradient norm, `end_of_step()` advances the schedule once per RL step.
+pre-clip gradient norm, `end_of_step()` advances the schedule once per RL step. `full_weights()`
+is the context in which the raw policy module may be read outside a training forward (sampling,
+weight syncs, evaluation, saving), and `prepare_reference(ref)` the frozen π_ref as forwards use
+it: both only matter under DeepSpeed ZeRO-3, which shards parameters across ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -38,9 +42,12 @@ class TorchBackend:
 
             dev = next(model.parameters()).device
             self.model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop; it needs
+        # floating-point parameters on one device type.
         self.opt = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+            params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+            fused=all(p.is_floating_point() for p in params),
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
 
@@ -69,12 +76,21 @@ class TorchBackend:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
 
+    def full_weights(self):
+        """Context in which the policy holds its full weights (DeepSpeed ZeRO-3 gathers them)."""
+        return contextlib.nullcontext(self.module)
 
-def build_backend(cfg: TrainerConfig, model: torch.nn.Module, dist: Dist):
+    def prepare_reference(self, ref: torch.nn.Module) -> torch.nn.Module:
+        """The frozen reference policy as forwards should use it (DeepSpeed ZeRO-3 shards it)."""
+        return ref
+
+
+def build_backend(cfg: TrainerConfig, model: torch.nn.Module, dist: Dist, micro_batch_size: int = 1):
+    """`micro_batch_size`: the samples one rank holds in a mini-batch (DeepSpeed's bookkeeping)."""
     if cfg.backend == "torch":
         return TorchBackend(cfg, model, dist)
     if cfg.backend == "deepspeed":
         from klbench.train.ds_backend import DeepSpeedBackend
 
-        return DeepSpeedBackend(cfg, model, dist)
+        return DeepSpeedBackend(cfg, model, dist, micro_batch_size=micro_batch_size)
     raise ValueError(f"unknown trainer.backend {cfg.backend!r}; expected torch or deepspeed")

@@ -86,8 +86,11 @@ def save(trainer, run_dir: Path, keep_last: int) -> Path:
     torch.save(rng_state(), tmp / f"rng_rank{dist.rank}.pt")
     backend_dir = trainer.backend.save(tmp) if hasattr(trainer.backend, "save") else None
     dist.barrier()
+    with trainer.backend.full_weights():  # collective under DeepSpeed ZeRO-3
+        if dist.is_main:
+            trainer.policy.save_pretrained(tmp / "policy", safe_serialization=True)
+            fingerprint = model_fingerprint(trainer.policy)
     if dist.is_main:
-        trainer.policy.save_pretrained(tmp / "policy", safe_serialization=True)
         state = trainer.state_dict()
         state.pop("rng", None)
         if backend_dir is not None:
@@ -97,7 +100,7 @@ def save(trainer, run_dir: Path, keep_last: int) -> Path:
         meta = {
             "step": trainer.step,
             "world_size": dist.world,
-            "model": model_fingerprint(trainer.policy),
+            "model": fingerprint,
             "backend": trainer.cfg.trainer.backend,
             "files": files,
         }
@@ -160,7 +163,8 @@ def verify(path: Path) -> dict:
 def load(trainer, path: Path) -> None:
     """Restore the trainer from checkpoint `path` (after checking it fits the model)."""
     meta = verify(path)
-    want = model_fingerprint(trainer.policy)
+    with trainer.backend.full_weights():  # collective under DeepSpeed ZeRO-3
+        want = model_fingerprint(trainer.policy)
     if meta.get("model") != want:
         diff = {
             k: (meta.get("model", {}).get(k), want.get(k))
@@ -184,14 +188,15 @@ def load(trainer, path: Path) -> None:
         rng = torch.load(path / f"rng_rank{trainer.dist.rank}.pt", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
         raise KlbenchError(f"corrupt checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    missing, unexpected = trainer.policy.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
-    if missing or unexpected:
-        raise KlbenchError(
-            f"checkpoint {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
     if hasattr(trainer.backend, "load") and "backend" not in state:
-        trainer.backend.load(path)
+        trainer.backend.load(path)  # DeepSpeed: module weights, optimizer shards, LR schedule
+    else:
+        missing, unexpected = trainer.policy.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
+        if missing or unexpected:
+            raise KlbenchError(
+                f"checkpoint {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
     state["rng"] = rng
     trainer.load_state_dict(state)
 

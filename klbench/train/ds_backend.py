@@ -24,13 +24,18 @@ Deliberate choices:
   optimizer state), fp32 → fp32 (the CPU default). fp16 is refused: its loss-scale overflow steps
   would be skipped, which the loop treats as a non-finite failure.
 - Single process without a launcher: DeepSpeed wants a process group and `LOCAL_RANK`; we set the
-  launcher's env defaults and join a one-process group backed by an in-memory store (no port).
-  On CPU DeepSpeed's communication backend is gloo (ccl only with oneccl_bindings_for_pytorch).
+  launcher's env defaults (RANK, LOCAL_RANK, WORLD_SIZE) and join a one-process group backed by an
+  in-memory store (no port). On CPU DeepSpeed's accelerator is "cpu" and its communication backend
+  gloo (ccl only with oneccl_bindings_for_pytorch installed); under torchrun / the deepspeed
+  launcher the loop's process group (runstate.from_env) is reused.
+- On CPU DeepSpeed JIT-builds a shared-memory all-reduce op at its first start (~30-55 s on 2
+  cores, cached in ~/.cache/torch_extensions: ~1 s later). Training does not use it (gloo does
+  the gradient all-reduce); DeepSpeed builds it unconditionally.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 from pathlib import Path
 
@@ -41,26 +46,27 @@ from klbench.errors import KlbenchError
 from klbench.train.backends import lr_lambda
 from klbench.train.runstate import Dist
 
-log = logging.getLogger(__name__)
-
 #: Tag of the one checkpoint `save(dir)` writes (DeepSpeed keeps it under `dir/TAG/`).
 TAG = "state"
 
 
-def ds_config(cfg: TrainerConfig, *, dtype: torch.dtype, device: torch.device, world: int,
-              micro_batch_size: int = 1) -> dict:
+def ds_config(
+    cfg: TrainerConfig, *, dtype: torch.dtype, device: torch.device, world: int, micro_batch_size: int = 1
+) -> dict:
     """The DeepSpeed config dict for `cfg` (see the module docstring for the batch sizes)."""
     ds = cfg.deepspeed
     if dtype == torch.float16:
-        raise KlbenchError("trainer.backend=deepspeed does not train float16 models (loss-scale overflow steps "
-                           "are skipped, which the loop reports as non-finite); set model.dtype=bfloat16 or float32")
+        raise KlbenchError(
+            "trainer.backend=deepspeed does not train float16 models (loss-scale overflow steps "
+            "are skipped, which the loop reports as non-finite); set model.dtype=bfloat16 or float32"
+        )
     zero: dict = {"stage": ds.zero_stage}
     pin = device.type == "cuda"
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch_size * world,
@@ -74,22 +80,52 @@ def ds_config(cfg: TrainerConfig, *, dtype: torch.dtype, device: torch.device, w
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    return merge(config, ds.extra)
 
 
-def join_single_process_group() -> None:
-    """What a launcher would provide, for a single process started without one."""
+def merge(base: dict, extra: dict) -> dict:
+    """`base` with `extra` merged in recursively (extra wins)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def accelerator(device: torch.device):
+    """DeepSpeed's accelerator, checked against the policy's device (DeepSpeed moves the model to
+    its accelerator). A CPU policy selects DeepSpeed's CPU accelerator when DeepSpeed is not yet
+    imported; a GPU machine otherwise makes DeepSpeed pick CUDA."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() != device.type:
+        raise KlbenchError(
+            f"the policy is on {device.type} but DeepSpeed's accelerator is {acc.device_name()}; "
+            f"set DS_ACCELERATOR={device.type} in the environment, or trainer.device={acc.device_name()}"
+        )
+    return acc
+
+
+def join_single_process_group(backend: str) -> None:
+    """What a launcher would provide, for a single process started without one: the env vars
+    DeepSpeed reads, and a one-process group over an in-memory store (no port to collide on)."""
     import torch.distributed as tdist
 
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_SIZE", "1")):
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
     if int(os.environ["WORLD_SIZE"]) != 1:
         raise KlbenchError("WORLD_SIZE > 1 but no process group: launch with torchrun or deepspeed")
     if not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
 
 
-def build_optimizer(cfg: TrainerConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: TrainerConfig, model: torch.nn.Module, device: torch.device
+) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.weight_decay}
     if cfg.deepspeed.offload_optimizer and device.type == "cuda":
@@ -103,15 +139,17 @@ class DeepSpeedBackend:
     """ZeRO-sharded AdamW updates; see the module docstring for the DeepSpeed settings."""
 
     def __init__(self, cfg: TrainerConfig, model: torch.nn.Module, dist: Dist, micro_batch_size: int = 1):
+        first = next(model.parameters())
+        self.device = first.device
+        acc = accelerator(self.device)
         import deepspeed
 
         if dist.world == 1:
-            join_single_process_group()
+            join_single_process_group(acc.communication_backend_name())
         self.cfg, self.module, self.dist = cfg, model, dist
-        first = next(model.parameters())
-        self.device = first.device
-        self.config = ds_config(cfg, dtype=first.dtype, device=self.device, world=dist.world,
-                                micro_batch_size=micro_batch_size)
+        self.config = ds_config(
+            cfg, dtype=first.dtype, device=self.device, world=dist.world, micro_batch_size=micro_batch_size
+        )
         self.opt = build_optimizer(cfg, model, self.device)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.opt, config=self.config)
         self.model = self.engine
@@ -131,12 +169,16 @@ class DeepSpeedBackend:
         norm = None
         if not self.engine.zero_optimization() and not self.engine.bfloat16_enabled():
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+            norm = float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            )
         self.engine.step()
         if norm is None:
             norm = self.engine.get_global_grad_norm()
         if norm is None:
-            raise KlbenchError("DeepSpeed reported no gradient norm (zero_optimization.compute_grad_norm is off?)")
+            raise KlbenchError(
+                "DeepSpeed reported no gradient norm (zero_optimization.compute_grad_norm is off?)"
+            )
         return float(norm)
 
     def end_of_step(self) -> None:
@@ -144,34 +186,58 @@ class DeepSpeedBackend:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The LR schedule only: weights and (sharded) optimizer state are in `save(dir)`."""
+        """The LR schedule only: weights and (sharded) optimizer state are written by `save(dir)`."""
         return {"backend": "deepspeed", "scheduler": self.sched.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("backend") != "deepspeed":
-            raise KlbenchError("this checkpoint was written by trainer.backend=torch; resume it with that backend")
+            raise KlbenchError(
+                "this checkpoint was written by trainer.backend=torch; resume it with that backend"
+            )
         self.sched.load_state_dict(state["scheduler"])
 
-    def save(self, directory: str | Path) -> None:
-        """Write the engine's checkpoint (module weights + ZeRO optimizer shards) into `directory`.
+    def save(self, directory: str | Path) -> Path:
+        """Write everything the backend holds into `directory`/deepspeed and return that path:
+        module weights, this rank's ZeRO optimizer shard, and the LR schedule.
 
         Collective: every rank calls it with the same path (each rank writes its own shard).
         """
-        self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        path = Path(directory) / "deepspeed"
+        self.engine.save_checkpoint(
+            str(path), tag=TAG, client_state={"klbench": self.state_dict()}, save_latest=False
+        )
+        return path
 
     def load(self, directory: str | Path) -> None:
         """Restore what `save(directory)` wrote (same world size and ZeRO stage). Collective."""
-        path, _ = self.engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-        if path is None:
-            raise KlbenchError(f"no DeepSpeed checkpoint under {directory}/{TAG}")
+        path = Path(directory) / "deepspeed"
+        if not (path / TAG).is_dir():
+            raise KlbenchError(
+                f"no DeepSpeed checkpoint at {path / TAG}; was this checkpoint written with "
+                "trainer.backend=deepspeed?"
+            )
+        loaded, client = self.engine.load_checkpoint(
+            str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if loaded is None:
+            raise KlbenchError(f"DeepSpeed could not load the checkpoint at {path / TAG}")
+        self.load_state_dict(client["klbench"])
 
-    def consolidated_state_dict(self) -> dict:
-        """The full policy weights (for `save_pretrained`). Collective under ZeRO-3; the
-        gathered tensors are complete on rank 0 (other ranks get an empty dict)."""
-        if self.engine.zero_optimization_partition_weights():
-            return self.engine._zero3_consolidated_16bit_state_dict() or {}
-        return self.module.state_dict()
+    @contextlib.contextmanager
+    def full_weights(self):
+        """A context in which the policy module holds its full weights, for everything that reads
+        them outside a training forward: sampling, weight syncs to a rollout engine, evaluation,
+        `save_pretrained`. Collective under ZeRO-3 (every rank enters it; each gathers the whole
+        model once and DeepSpeed's per-layer fetch hooks are off, so ranks may run different
+        numbers of forwards inside it). Below stage 3 the weights are always whole.
+        """
+        if not self.engine.zero_optimization_partition_weights():
+            yield self.module
+            return
+        from deepspeed.runtime.zero import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(self.engine):
+            yield self.module
 
     def prepare_reference(self, ref: torch.nn.Module) -> torch.nn.Module:
         """The frozen reference policy: sharded with ZeRO-3 (no optimizer) when the policy is.
@@ -185,7 +251,9 @@ class DeepSpeedBackend:
         import deepspeed
 
         config = {k: v for k, v in self.config.items() if k not in ("gradient_clipping",)}
-        config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if k != "offload_optimizer"}
+        config["zero_optimization"] = {
+            k: v for k, v in config["zero_optimization"].items() if k != "offload_optimizer"
+        }
         engine, _, _, _ = deepspeed.initialize(model=ref, config=config)
         engine.eval()
         self.ref_engine = engine

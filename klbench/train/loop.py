@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from klbench import advantages as adv_lib
@@ -115,8 +116,8 @@ class Trainer:
         self.rewards = Rewards(self.task, self.tokenizer, build_reward(cfg.data))
         self.kl = kl_lib.KLSpec.from_config(cfg.kl)
         self.controller = kl_lib.build_controller(cfg.kl.controller, cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
-        self.backend = build_backend(cfg.trainer, self.policy, self.dist)
-        # Stale rollouts sample from a lagged copy of the policy (`rollout.staleness` updates old).
+        # Stale rollouts sample from a lagged copy of the policy (`rollout.staleness` updates old),
+        # copied before a backend may shard the policy (DeepSpeed ZeRO-3).
         self.staleness = cfg.rollout.staleness
         if self.staleness:
             import copy
@@ -125,6 +126,10 @@ class Trainer:
             self.snapshots: deque[dict] = deque([self._snapshot()])
         else:
             self.sampler_model = self.policy
+        world = self.dist.world
+        self.backend = build_backend(cfg.trainer, self.policy, self.dist,
+                                     micro_batch_size=algo_mini_batch(cfg, world) // world)
+        self.ref = self.backend.prepare_reference(self.ref)  # ZeRO-3 shards π_ref like the policy
         self.engine = build_engine(cfg.rollout, self.sampler_model, self.tokenizer, self.model_dir, cfg.seed)
         from klbench.evaluate import build_evaluator
 
@@ -152,7 +157,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.controller.load_state_dict(state["controller"])
-        self.backend.load_state_dict(state["backend"])
+        if "backend" in state:  # else the backend restored itself from its own files (DeepSpeed)
+            self.backend.load_state_dict(state["backend"])
         if self.staleness:
             self.snapshots = deque(state["snapshots"])
             self.sampler_model.load_state_dict(self.snapshots[0])
@@ -160,17 +166,23 @@ class Trainer:
         self.engine.sync_weights(self.sampler_model)
 
     # -- one step --------------------------------------------------------------------------
-    def sampling(self, step: int) -> SamplingParams:
-        r = self.cfg.rollout
-        seed = (self.cfg.seed * 1_000_003 + step * 7919 + self.dist.rank * 104_729) % (2**31)
-        return SamplingParams(n=self.cfg.algo.group_size, max_new_tokens=r.max_new_tokens,
-                              temperature=r.temperature, top_p=r.top_p, seed=seed)
+    def sampling(self, step: int, prompt_indices: range) -> SamplingParams:
+        """Sampling for this rank's prompts. Prompt i of the step (its index in the global batch) is
+        seeded by (seed, step, i) alone, so N processes draw exactly the samples one process draws."""
+        r, n = self.cfg.rollout, self.cfg.algo.group_size
+        seeds = tuple(int(np.random.SeedSequence([self.cfg.seed, step, i]).generate_state(1)[0]) % (2**31 - n)
+                      for i in prompt_indices)
+        return SamplingParams(n=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                              prompt_seeds=seeds)
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg, algo, temp = self.cfg, self.cfg.algo, self.cfg.rollout.temperature
         t0 = time.perf_counter()
         examples = self.dist.shard(self.task.batch(step, algo.prompts_per_step))
-        batch = self.engine.generate([self.task.encode(ex) for ex in examples], self.sampling(step))
+        first = self.dist.rank * len(examples)  # global index of this rank's first prompt
+        with self.backend.full_weights():
+            batch = self.engine.generate([self.task.encode(ex) for ex in examples],
+                                         self.sampling(step, range(first, first + len(examples))))
         batch = trim(batch)
         t_rollout = time.perf_counter() - t0
         mask = batch.response_mask  # [N, R]
@@ -218,7 +230,7 @@ class Trainer:
             "kl/rkl_k2": self.dist.mean(self._seq_estimate("k2", cur_logp, ref_logp, mask)),
             "kl/coef": beta,
             "reward/mean": self.dist.mean(rewards.mean()),
-            "reward/std": self.dist.mean(rewards.std()),
+            "reward/std": self.global_std(rewards),
             "reward/acc": self.dist.mean(correct.mean()),
             **{f"reward/{k}": self.dist.mean(v.mean()) for k, v in extras.items()},
             "rollout/response_len": self.dist.mean(mask.sum(-1).mean()),
@@ -248,8 +260,9 @@ class Trainer:
     def update(self, batch: RolloutBatch, advantages, ref_logp, beta: float, step: int) -> dict[str, float]:
         """`algo.ppo_epochs` passes over the batch in mini-batches; one optimizer step per mini-batch."""
         algo, temp = self.cfg.algo, self.cfg.rollout.temperature
-        n = batch.num_samples
-        mb = min(algo.mini_batch_size or n, n)
+        n = batch.num_samples  # this rank's samples
+        world = self.dist.world
+        mb = algo_mini_batch(self.cfg, world) // world  # this rank's share of each mini-batch
         gen = torch.Generator().manual_seed(self.cfg.seed * 31 + step)
         sums: dict[str, float] = {}
         counts = 0
@@ -262,21 +275,25 @@ class Trainer:
                 r = mini.response_ids.shape[1]
                 mask = mini.response_mask.to(self.device)
                 first = epoch == 0 and counts == 0
+                # A token mean over this rank's tokens times w averages over the ranks to the token mean
+                # over the whole mini-batch (w = 1 on one process); DDP/DeepSpeed average gradients.
+                w = float(mask.sum()) * world / self.dist.sum(mask.sum()) if world > 1 else 1.0
+                agg_w = w if algo.loss_agg == "token_mean" else 1.0  # the other aggregations are per sequence
                 logp, ent = token_logprobs(self.backend.model, mini, temp, with_entropy=True)
                 pg = ppo_clip(logp, mini.behaviour_logp.to(self.device), advantages[idx, :r].to(self.device), mask,
                               clip_low=algo.clip_eps, clip_high=algo.clip_eps_high, agg=algo.loss_agg)
                 ref = ref_logp[idx, :r].to(self.device)
-                kl_term = self.kl.loss(logp, ref, mask, behaviour_logp=mini.behaviour_logp.to(self.device),
-                                       agg=algo.loss_agg)
-                loss = pg.loss + beta * kl_term
+                kl_term = agg_w * self.kl.loss(logp, ref, mask, behaviour_logp=mini.behaviour_logp.to(self.device),
+                                               agg=algo.loss_agg)
+                loss = agg_w * pg.loss + beta * kl_term
                 check_finite(step, **{"loss/pg": pg.loss, "loss/kl": kl_term})
                 grad_norm = self.backend.step(loss)
                 check_finite(step, **{"loss/grad_norm": torch.as_tensor(grad_norm)})
                 vals = {
-                    "loss/pg": pg.loss.item(), "loss/kl": (beta * kl_term).item(), "loss/total": loss.item(),
-                    "loss/grad_norm": float(grad_norm), "off/ratio_mean": pg.ratio_mean.item(),
-                    "off/clipfrac": pg.clipfrac.item(),
-                    "rollout/entropy": masked_mean(ent, mask).item(),
+                    "loss/pg": agg_w * pg.loss.item(), "loss/kl": (beta * kl_term).item(), "loss/total": loss.item(),
+                    "loss/grad_norm": float(grad_norm), "off/ratio_mean": w * pg.ratio_mean.item(),
+                    "off/clipfrac": w * pg.clipfrac.item(),
+                    "rollout/entropy": w * masked_mean(ent, mask).item(),
                 }
                 if first:
                     sums["rollout/entropy_first"] = vals["rollout/entropy"]
@@ -296,14 +313,21 @@ class Trainer:
         self.backend.end_of_step()
         return out
 
+    def global_std(self, x: torch.Tensor) -> float:
+        """The (Bessel-corrected) std of `x` over every rank's samples (ranks hold equally many)."""
+        n = x.numel() * self.dist.world
+        mean, sq = self.dist.mean(x.double().mean()), self.dist.mean(x.double().square().mean())
+        return math.sqrt(max(sq - mean * mean, 0.0) * n / max(n - 1, 1))
+
     def after_update(self) -> None:
         """Hand the new weights to the rollout engine (lagged by `rollout.staleness` updates)."""
-        if self.staleness:
-            self.snapshots.append(self._snapshot())
-            while len(self.snapshots) > self.staleness + 1:
-                self.snapshots.popleft()
-            self.sampler_model.load_state_dict(self.snapshots[0])
-        self.engine.sync_weights(self.sampler_model)
+        with self.backend.full_weights():
+            if self.staleness:
+                self.snapshots.append(self._snapshot())
+                while len(self.snapshots) > self.staleness + 1:
+                    self.snapshots.popleft()
+                self.sampler_model.load_state_dict(self.snapshots[0])
+            self.engine.sync_weights(self.sampler_model)
 
     # -- the run ---------------------------------------------------------------------------
     def fit(self, on_step=None) -> None:
@@ -324,7 +348,8 @@ class Trainer:
                     raise KlbenchError(f"non-finite metrics at step {self.step}: {', '.join(bad)}")
                 self.tracker.log(self.step, metrics)
                 if self.evaluator is not None and self.evaluator.due(self.step, steps):
-                    self.tracker.log(self.step, self.evaluator(self.policy, self.engine, self.step))
+                    with self.backend.full_weights():
+                        self.tracker.log(self.step, self.evaluator(self.policy, self.engine, self.step))
                 if on_step is not None:
                     on_step(self)
                 if signals.received is not None:
@@ -342,6 +367,17 @@ class Trainer:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def algo_mini_batch(cfg: Config, world: int) -> int:
+    """Samples per optimizer step over all ranks (`algo.mini_batch_size`; null = the whole batch).
+    Each of the `world` ranks holds an equal share of every mini-batch."""
+    algo = cfg.algo
+    mb = algo.mini_batch_size or algo.prompts_per_step * algo.group_size
+    if mb % world:
+        raise KlbenchError(f"algo.mini_batch_size={mb} does not split over {world} processes; "
+                           f"use a multiple of {world}")
+    return mb
 
 
 def config_dict(cfg: Config) -> dict:

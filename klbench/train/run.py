@@ -97,10 +97,11 @@ def run_experiment(cfg: Config, run_dir: Path, *, sweep: str | None = None, tags
                               name=f"{cfg.name}-{run_dir.name}", group=sweep, tags=tags, resume_step=trainer.step)
             trainer.tracker = tracker
         trainer.fit()
-        if dist.is_main:
-            final = run_dir / "final"
-            trainer.policy.save_pretrained(final)
-            trainer.tokenizer.save_pretrained(final)
+        with trainer.backend.full_weights():  # collective under DeepSpeed ZeRO-3
+            if dist.is_main:
+                final = run_dir / "final"
+                trainer.policy.save_pretrained(final)
+                trainer.tokenizer.save_pretrained(final)
         summary = summarize(run_dir / "metrics.jsonl")
         summary["wall_s"] = round(time.perf_counter() - started, 2)
         if dist.is_main:
