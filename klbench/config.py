@@ -228,7 +228,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     enable_sleep_mode: bool = False
     kv_cache_gib: float = 2.0  # vLLM-cpu KV cache size
-    enforce_eager: bool = True
+    enforce_eager: bool | None = None  # null: eager on CPU (fast start), CUDA graphs on GPU
 
     def __post_init__(self) -> None:
         _choice("rollout", "engine", self.engine, ENGINES)
