@@ -27,6 +27,28 @@ commands:
 
 #: Sweeps larger than this are not pre-validated point by point (the base config still is).
 MAX_PREVALIDATE = 512
+#: Longest job-directory name a sweep makes from its overrides (file systems allow 255 bytes).
+MAX_JOB_DIRNAME = 120
+
+
+def job_dirname(overrides: str) -> str:
+    """A sweep job's directory name from its overrides: no '/', bounded length (`${klbench_job:...}`)."""
+    name = overrides.replace("/", "|")
+    if len(name) > MAX_JOB_DIRNAME:
+        import hashlib
+
+        name = name[: MAX_JOB_DIRNAME - 9] + "~" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
+
+
+def _register_resolvers() -> None:
+    # at import: launcher workers (joblib, submitit) resolve the job's directory in their own process
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("klbench_job", job_dirname, replace=True)
+
+
+_register_resolvers()
 
 
 # -- locations ------------------------------------------------------------------------------

@@ -607,7 +607,10 @@ def band(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(steps, mean, min, max) across runs at each step any of them logged (nan-aware)."""
     series = [run_series(r, metric, n_smooth) for r in runs]
-    steps = np.unique(np.concatenate([s for s, _ in series])) if series else np.array([], dtype=np.int64)
+    if not series:  # a variant whose every run failed: nothing to draw
+        empty = np.array([], dtype=float)
+        return np.array([], dtype=np.int64), empty, empty, empty
+    steps = np.unique(np.concatenate([s for s, _ in series]))
     grid = np.full((len(series), len(steps)), np.nan)  # [R, S]
     for i, (s, y) in enumerate(series):
         grid[i, np.searchsorted(steps, s)] = y
