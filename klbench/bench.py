@@ -989,21 +989,15 @@ def base_report(
     }
 
 
+def worker_spec(side: str, args, workload: Workload, model_dir: Path, **extra) -> WorkerSpec:
+    """What one worker subprocess runs: this side, on this workload, with the command line's settings."""
+    return WorkerSpec(side=side, workload=workload.name, model_dir=str(model_dir), steps=args.steps,
+                      warmup=args.warmup, threads=args.threads, seed=args.seed, device=args.device, **extra)
+
+
 def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, stem: str) -> dict:
     report = base_report(argv, args, workload, model_dir)
-    specs = {
-        side: WorkerSpec(
-            side=side,
-            workload=workload.name,
-            model_dir=str(model_dir),
-            steps=args.steps,
-            warmup=args.warmup,
-            threads=args.threads,
-            seed=args.seed,
-            device=args.device,
-        )
-        for side in SIDES
-    }
+    specs = {side: worker_spec(side, args, workload, model_dir) for side in SIDES}
     raw: dict[str, list[dict]] = {side: [] for side in SIDES}
     problems = []
     for rep in range(args.reps):
@@ -1147,17 +1141,7 @@ def bench_engine_overhead(argv, args, workload: Workload, model_dir: Path, work:
     raw: dict[str, list[dict]] = {side: [] for side in ENGINE_SIDES}
     for rep in range(args.reps):
         for side in ENGINE_SIDES:
-            spec = WorkerSpec(
-                side=side,
-                workload=workload.name,
-                model_dir=str(model_dir),
-                steps=args.steps,
-                warmup=args.warmup,
-                threads=args.threads,
-                seed=args.seed,
-                device=args.device,
-                new_tokens=args.new_tokens,
-            )
+            spec = worker_spec(side, args, workload, model_dir, new_tokens=args.new_tokens)
             print(f"[engine {workload.name}] rep {rep + 1}/{args.reps}: {side} ...", flush=True)
             result = run_worker(spec, work, f"engine-{workload.name}-{side}-{rep}")
             problems = check_identical_work(result, spec, scratch=False)  # EOS may end a completion early
