@@ -47,7 +47,8 @@ def test_recipe_dry_run(recipe, run_cli, miniature_dir, shared_data, tmp_path):
         rows = tmp_path / "openr1.jsonl"
         rows.write_text("".join(json.dumps({"problem": f"What is {i}+{i}?", "answer": str(2 * i)}) + "\n"
                                 for i in range(8)))
-        extra += ["data.source=jsonl", f"data.path={rows}", "model.dtype=float32",
+        # the miniature's tokenizer has no chat template: plain prompts stand in for the recipe's chat ones
+        extra += ["data.source=jsonl", f"data.path={rows}", "data.prompt.template=plain", "model.dtype=float32",
                   "model.gradient_checkpointing=false", "eval.limit=2", "eval.samples=2", "eval.max_new_tokens=8",
                   "eval.every=1", f"+hydra.job.env_set.KLBENCH_DATA={shared_data}"]
     run_dir = tmp_path / "run"
