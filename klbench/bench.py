@@ -353,9 +353,7 @@ def run_klbench(spec: WorkerSpec) -> dict:
             trainer.close()
     if profiler is not None:
         _write_profile(profiler, spec)
-    steps = [record[s] for s in sorted(record)]
-    for i, rec in enumerate(steps):
-        rec["interval_s"] = ends[i] - ends[i - 1] if i else None
+    steps = ordered_steps(record, ends)
     return {
         "steps": steps,
         "startup_s": startup_s,
@@ -499,9 +497,7 @@ def run_trl(spec: WorkerSpec) -> dict:
             trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
         ).__name__
         fused = any(g.get("fused") for g in trainer.optimizer.param_groups)
-    steps = [record[s] for s in sorted(record)]
-    for i, rec in enumerate(steps):
-        rec["interval_s"] = ends[i] - ends[i - 1] if i else None
+    steps = ordered_steps(record, ends)
     return {
         "steps": steps,
         "startup_s": startup_s,
@@ -987,6 +983,14 @@ def base_report(
         "seed": args.seed,
         "load_before": list(os.getloadavg()),
     }
+
+
+def ordered_steps(record: dict[int, dict], ends: list[float]) -> list[dict]:
+    """Per-step records in step order, each with the time since the previous step ended."""
+    steps = [record[s] for s in sorted(record)]
+    for i, rec in enumerate(steps):
+        rec["interval_s"] = ends[i] - ends[i - 1] if i else None
+    return steps
 
 
 def worker_spec(side: str, args, workload: Workload, model_dir: Path, **extra) -> WorkerSpec:
