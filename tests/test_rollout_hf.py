@@ -90,3 +90,31 @@ def test_inverse_cdf_sampling_matches_the_distribution():
     assert freq[1] == 0.0  # a zero-probability token is never drawn
     sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
     assert ((freq - probs.double()).abs() <= 4 * sigma + 1e-12).all(), freq
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_shared_prompt_forward_equals_one_forward_per_row(engine_and_model, ragged):
+    """token_logprobs runs each distinct prompt once and the responses on its indexed KV cache; the
+    log-probs, entropies and parameter gradients must equal a plain forward over every full row,
+    also on a shuffled mini-batch where a prompt's samples are scattered."""
+    from klbench.train import logprobs as lp
+
+    engine, model, tok = engine_and_model
+    batch = trim(engine.generate(prompts(tok, ragged), SamplingParams(n=4, max_new_tokens=12, seed=3)))
+    mini = trim(batch.select(torch.randperm(batch.num_samples, generator=torch.Generator().manual_seed(0))[:10]))
+    for b in (batch, mini):
+        _, inverse = torch.unique(b.group, return_inverse=True)
+        shared = lp._shared_prompt_logits(model, b, inverse, torch.device("cpu"))
+        g_shared = torch.autograd.grad((shared.float().logsumexp(-1) * b.response_mask).sum(), list(model.parameters()))
+        full = lp._full_logits(model, b, torch.device("cpu"))
+        g_full = torch.autograd.grad((full.float().logsumexp(-1) * b.response_mask).sum(), list(model.parameters()))
+        m = b.response_mask.bool()
+        assert shared.shape == full.shape
+        torch.testing.assert_close(shared[m], full[m], atol=2e-5, rtol=1e-5)
+        for a, c in zip(g_shared, g_full):
+            torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
+    # the public function (shared path for grouped rows) gives the full forward's log-probs
+    logp, _ = token_logprobs(model, mini)
+    full = lp._full_logits(model, mini, torch.device("cpu")).float()
+    expect = (full.gather(-1, mini.response_ids.unsqueeze(-1)).squeeze(-1) - full.logsumexp(-1)) * mini.response_mask
+    torch.testing.assert_close(logp, expect, atol=2e-5, rtol=1e-5)

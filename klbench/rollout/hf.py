@@ -90,35 +90,49 @@ class HFEngine:
             out.logits = out.logits.repeat_interleave(g, 0)
         if attn is not None:
             attn = attn.repeat_interleave(g, 0)  # [N, P]
-        tokens, logps = [], []
-        finished = torch.zeros(n, dtype=torch.bool, device=dev)
-        alive = []
+        # Rows that finished leave the decoding batch (their cache rows too) once an eighth of it has
+        # finished, so little compute is spent on padding after EOS and few cache copies are made.
+        tokens = torch.full((n, params.max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
+        logps = torch.zeros((n, params.max_new_tokens), dtype=torch.float32, device=dev)
+        lengths = torch.full((n,), params.max_new_tokens, dtype=torch.long, device=dev)
+        rows = torch.arange(n, device=dev)  # batch row of each row of the model's (shrinking) batch
+        finished = torch.zeros(n, dtype=torch.bool, device=dev)  # per model row: EOS already emitted
+        logits = out.logits[:, -1]
         for t in range(params.max_new_tokens):
-            logp = torch.log_softmax(out.logits[:, -1].float() / params.temperature, dim=-1)  # [N, V]
+            logp = torch.log_softmax(logits.float() / params.temperature, dim=-1)  # [A, V]
             logp = top_p_filter(logp, params.top_p)
-            tok = sample_tokens(logp, uniforms[:, t : t + 1])  # [N, 1]
-            tok_logp = logp.gather(-1, tok).squeeze(-1)  # [N]
-            alive.append(~finished)
-            tokens.append(torch.where(finished, self.pad_id, tok.squeeze(-1)))
-            logps.append(torch.where(finished, 0.0, tok_logp))
-            finished = finished | (tok.squeeze(-1) == self.eos_id)
-            if bool(finished.all()) or t == params.max_new_tokens - 1:
+            tok = sample_tokens(logp, uniforms[rows, t : t + 1])  # [A, 1]
+            live = ~finished
+            tokens[rows[live], t] = tok[live, 0]
+            logps[rows[live], t] = logp.gather(-1, tok).squeeze(-1)[live]
+            ends = live & (tok[:, 0] == self.eos_id)
+            lengths[rows[ends]] = t + 1
+            finished = finished | ends
+            if t == params.max_new_tokens - 1 or bool(finished.all()):
                 break
+            if int(finished.sum()) >= len(rows) / 8:
+                keep = (~finished).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, tok, finished = rows[keep], tok[keep], finished[keep]
+                if attn is not None:
+                    attn, next_pos = attn[keep], next_pos[keep]
             if attn is not None:
-                attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=dev)], dim=1)
-            out = model(input_ids=tokens[-1][:, None], attention_mask=attn, position_ids=next_pos,
+                attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype, device=dev)], dim=1)
+            out = model(input_ids=tok, attention_mask=attn, position_ids=next_pos,
                         past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1]
             if next_pos is not None:
                 next_pos = next_pos + 1
+        width = t + 1
+        response_mask = (torch.arange(width, device=dev) < lengths[:, None]).float()  # [N, R]
         if was_training:
             model.train()
-        response_mask = torch.stack(alive, 1).float()  # [N, R]
         return RolloutBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
-            response_ids=torch.stack(tokens, 1).cpu(),
+            response_ids=tokens[:, :width].cpu(),
             response_mask=response_mask.cpu(),
-            behaviour_logp=torch.stack(logps, 1).float().cpu(),
+            behaviour_logp=logps[:, :width].cpu(),
             group=torch.arange(len(prompts)).repeat_interleave(params.n),
         )
 

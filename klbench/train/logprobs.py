@@ -17,18 +17,13 @@ def token_logprobs(
     Log-probs come from a gather and a logsumexp over the logits, never a full log-softmax copy.
     """
     dev = next(model.parameters()).device
-    ids = batch.input_ids().to(dev)  # [N, P+R]
     resp = batch.response_ids.to(dev)  # [N, R]
-    r = resp.shape[1]
-    if bool(batch.prompt_mask.all()):
-        # No left padding: causal attention alone is right for every real token (right padding only
-        # follows them), so skip building a 4-D mask -- a large share of a tiny model's forward.
-        attn = pos = None
+    groups, inverse = torch.unique(batch.group, return_inverse=True)
+    if len(groups) < batch.num_samples:
+        logits = _shared_prompt_logits(model, batch, inverse, dev)
     else:
-        attn = batch.attention_mask().to(dev)  # [N, P+R]
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=r + 1)
-    logits = out.logits[:, :-1].float()  # [N, R, V]: position P-1+t predicts response token t
+        logits = _full_logits(model, batch, dev)
+    logits = logits.float()  # [N, R, V]: the distributions response token t was drawn from
     if temperature != 1.0:
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)  # [N, R]
@@ -40,6 +35,59 @@ def token_logprobs(
             p = torch.softmax(logits.detach(), dim=-1)
             entropy = (lse.detach() - (p * logits.detach()).sum(-1)) * mask  # [N, R]
     return logp * mask, entropy
+
+
+def _full_logits(model, batch: RolloutBatch, dev) -> torch.Tensor:
+    """One forward over `cat(prompt, response)` for every row → response logits `[N, R, V]`."""
+    r = batch.response_ids.shape[1]
+    ids = batch.input_ids().to(dev)  # [N, P+R]
+    if bool(batch.prompt_mask.all()):
+        # No left padding: causal attention alone is right for every real token (right padding only
+        # follows them), so skip building a 4-D mask -- a large share of a tiny model's forward.
+        attn = pos = None
+    else:
+        attn = batch.attention_mask().to(dev)  # [N, P+R]
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=r + 1)
+    return out.logits[:, :-1]  # position P-1+t predicts response token t
+
+
+def _shared_prompt_logits(model, batch: RolloutBatch, inverse: torch.Tensor, dev) -> torch.Tensor:
+    """Response logits `[N, R, V]` with each distinct prompt run through the model once.
+
+    The G samples of a prompt share its prefix, so a forward over `cat(prompt, response)` per row
+    computes every prompt position G times. Instead: one forward over the distinct prompts (their KV
+    cache kept, and the logits of the last position, which predict the first response token), the
+    cache indexed out to the rows (`inverse`: row → distinct prompt), then one forward over the
+    responses alone. Same arithmetic up to float rounding; gradients flow back through the indexed
+    cache into the shared prompt forward. Saves (G-1)/G of the prompt tokens' compute.
+    """
+    from transformers import DynamicCache
+
+    n, p = batch.prompt_ids.shape
+    r = batch.response_ids.shape[1]
+    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(n), reduce="amin")  # a row of each prompt
+    ids = batch.prompt_ids[first].to(dev)  # [U, P]
+    padded = not bool(batch.prompt_mask.all())
+    attn = pos = None
+    if padded:
+        attn = batch.prompt_mask[first].to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    rows = inverse.to(dev)
+    cache.batch_select_indices(rows)
+    head = out.logits[rows]  # [N, 1, V]: predicts response token 0
+    if r == 1:
+        return head
+    ids = batch.response_ids[:, :-1].to(dev)  # [N, R-1]: the last token predicts nothing needed
+    if padded:
+        attn = torch.cat([batch.prompt_mask, torch.ones((n, r - 1), dtype=batch.prompt_mask.dtype)], 1).to(dev)
+        pos = (batch.prompt_mask.sum(1, keepdim=True) + torch.arange(r - 1)).to(dev)  # [N, R-1]
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+    return torch.cat([head, out.logits], dim=1)
 
 
 def trim(batch: RolloutBatch) -> RolloutBatch:
