@@ -32,8 +32,8 @@ What is identical on both sides (the RL step of FIELD_NOTES.md "Peer baseline"):
   model; both sides then draw lengths from the same policy, and the tokens per step are recorded.
 
 Known differences that are part of what is measured: each framework's own sampler (klbench's
-KV-cache loop vs `model.generate`), its log-prob forwards, and its AdamW implementation (TRL/HF
-default `adamw_torch_fused`, klbench `torch.optim.AdamW`'s default). klbench keeps its default
+KV-cache loop vs `model.generate`), its log-prob forwards, and its AdamW (both fused: TRL/HF's default
+`adamw_torch_fused`, klbench `torch.optim.AdamW(fused=True)`). klbench keeps its default
 k3 log-ratio clamp at 20 nats; each step records how often it acted (`kl_clamp_rate`, 0 in our runs).
 
 Timing: a step is one RL step: rollout + reward + reference forward + update. klbench: the
@@ -50,7 +50,9 @@ klbench's `VLLMEngine`, of bare `vllm.LLM.generate` with the requests the engine
 log-probs: the difference is the engine's own overhead) and of bare unseeded requests (the cost of
 per-request seeds), on a 25m variant that keeps the EOS row (vLLM rejects a stop token outside the
 vocabulary), writing `engine-overhead-25m.json`; `--profile` runs klbench's step under
-`torch.profiler` and writes `profile-klbench-<workload>.txt`. Every file records the command, the
+`torch.profiler` and writes `profile-klbench-<workload>.txt`; `--ablations` times each optimisation of
+the step against the plain code it replaced, next to the effect predicted before measuring, and
+writes `ablations-<workload>.*` (see `klbench.perf_ablations`). Every file records the command, the
 commit (+ dirty flag), the machine (CPU model, cores, RAM, load) and the package versions.
 """
 
@@ -1221,6 +1223,30 @@ def bench_profile(argv, args, workload: Workload, model_dir: Path, work: Path) -
     return path
 
 
+def bench_ablations(argv, args, workload: Workload, model_dir: Path) -> Path:
+    """Each step optimisation against the plain implementation it replaced (klbench.perf_ablations)."""
+    import torch
+
+    from klbench import perf_ablations
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    report = base_report(argv, args, workload, model_dir, with_trl=False)
+    report["ablations"] = perf_ablations.measure(perf_ablations.build_pairs(str(model_dir), seed=args.seed),
+                                                 args.reps)
+    report["load_after"] = list(os.getloadavg())
+    m = report["machine"]
+    report["machine_line"] = (f"{m.get('cpu', '?')}, {m.get('logical_cores', '?')} logical cores; load average "
+                              f"before/after {report['load_before'][0]:.2f} / {report['load_after'][0]:.2f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"ablations-{workload.name}.json").write_text(json.dumps(report, indent=1))
+    path = out / f"ablations-{workload.name}.md"
+    path.write_text(perf_ablations.render_markdown(report))
+    print(f"[ablations {workload.name}] wrote {path}")
+    return path
+
+
 # -- CLI ------------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -1265,6 +1291,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="rollout tokens/s: klbench's VLLMEngine vs bare vllm.LLM.generate (25m)",
     )
     mode.add_argument("--profile", action="store_true", help="torch.profiler table of klbench's step")
+    mode.add_argument(
+        "--ablations",
+        action="store_true",
+        help="each step optimisation timed against the plain code it replaced (median of --reps, default 15)",
+    )
     p.add_argument(
         "--new-tokens",
         type=int,
@@ -1281,6 +1312,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         defaults = {**defaults, "steps": 100, "warmup": 0, "reps": 1}
     elif args.profile:
         defaults = {**defaults, "steps": 10, "warmup": 2, "reps": 1}
+    elif args.ablations:
+        defaults = {**defaults, "reps": 15}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -1300,7 +1333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    needs_trl = not (args.engine_overhead or args.profile)
+    needs_trl = not (args.engine_overhead or args.profile or args.ablations)
     if needs_trl and (importlib.util.find_spec("trl") is None or importlib.util.find_spec("psutil") is None):
         print(f"klbench: error: {INSTALL_HINT}", file=sys.stderr)
         return 2
@@ -1321,6 +1354,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench_curves(argv, args, workload, model_dir, work)
                 elif args.profile:
                     bench_profile(argv, args, workload, model_dir, work)
+                elif args.ablations:
+                    bench_ablations(argv, args, workload, model_dir)
                 else:
                     stem = f"bench-{name}-short" if args.short else f"bench-{name}"
                     bench_workload(argv, args, workload, model_dir, work, stem)

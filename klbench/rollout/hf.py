@@ -49,9 +49,10 @@ def sample_tokens(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 class HFEngine:
     """Samples with an HF causal LM (the trainer's policy, or a lagged copy for stale rollouts)."""
 
-    def __init__(self, model: torch.nn.Module, *, pad_id: int, eos_id: int):
+    def __init__(self, model: torch.nn.Module, *, pad_id: int, eos_id: int, drop_finished: bool = True):
         self.pad_id, self.eos_id = pad_id, eos_id
         self.model = model
+        self.drop_finished = drop_finished  # False only to measure what dropping saves (bench --ablations)
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +111,7 @@ class HFEngine:
             finished = finished | ends
             if t == params.max_new_tokens - 1 or bool(finished.all()):
                 break
-            if int(finished.sum()) >= len(rows) / 8:
+            if self.drop_finished and int(finished.sum()) >= len(rows) / 8:
                 keep = (~finished).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 rows, tok, finished = rows[keep], tok[keep], finished[keep]
