@@ -139,10 +139,17 @@ def build_pairs(model_dir: str, *, seed: int = 0) -> list[Pair]:
         (logp * mask).sum().backward()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.grad = torch.randn_like(p) * 1e-3
+    grads = [torch.randn_like(p) * 1e-3 for p in trainable]
     fused = torch.optim.AdamW(trainable, lr=0.0, fused=True)
     foreach = torch.optim.AdamW(trainable, lr=0.0, foreach=True)  # lr 0: the weights stay put
+
+    def adam_step(opt):
+        def run():
+            for p, g in zip(trainable, grads):  # the scoring pairs reset .grad; both sides pay this loop
+                p.grad = g
+            opt.step()
+        return run
+
     repeated = [p for p in prompts for _ in range(params.n)]
     one_each = SamplingParams(n=1, max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=seed)
     pairs = [
@@ -156,7 +163,7 @@ def build_pairs(model_dir: str, *, seed: int = 0) -> list[Pair]:
         Pair("logits_to_keep", lambda: no_grad_forward(logits_to_keep=r + 1),
              lambda: no_grad_forward().logits[:, -(r + 1):].contiguous()),
         Pair("gather_logsumexp", gather_lse, log_softmax_gather),
-        Pair("fused_adamw", fused.step, foreach.step),
+        Pair("fused_adamw", adam_step(fused), adam_step(foreach)),
     ]
     if bool(batch.prompt_mask.all()):  # only prompts of one length skip the mask
         pairs.insert(3, Pair("no_4d_mask", lambda: no_grad_forward(logits_to_keep=r + 1),

@@ -205,3 +205,19 @@ def test_short_mode_times_both_sides_and_prints_the_ratio(run_cli, miniature_cac
     ratio = report["summary"]["ratios"]["trl"]["median"]
     assert math.isfinite(ratio) and ratio > 0
     assert report["settings"]["optimizers"]["trl"].startswith("AdamW")
+
+
+@pytest.mark.slow
+def test_ablations_time_each_optimisation_against_its_plain_version(run_cli, miniature_cache, tmp_path):
+    from klbench.perf_ablations import PREDICTED
+
+    proc = run_cli("bench", "--ablations", "--reps", "1", "--threads", "1", "--out", str(tmp_path), timeout=600)
+    report = json.loads((tmp_path / "ablations-1m.json").read_text())
+    names = [row["name"] for row in report["ablations"]]
+    # no_4d_mask is measured only when the batch's prompts need no left padding
+    assert set(names) <= set(PREDICTED) and set(PREDICTED) - set(names) <= {"no_4d_mask"}, names
+    for row in report["ablations"]:
+        assert row["ours_ms"] > 0 and row["plain_ms"] > 0 and row["predicted"] == PREDICTED[row["name"]][1]
+        assert f"[ablation] {row['name']}: " in proc.stdout
+    md = (tmp_path / "ablations-1m.md").read_text()
+    assert md.startswith("# What each optimisation") and all(f"| {n} |" in md for n in names)
