@@ -193,7 +193,11 @@ def kl_loss(
         estimator: "k1" | "k2" | "k3".
         level: "token": estimator per token, reduced with `agg` (pass the policy-gradient loss's
             aggregation; the token-level repairs need "seq_mean_token_sum"). "sequence": estimator
-            of U = Σ_t u_t, mean over sequences (`agg` is not used: one value per sequence).
+            of U = Σ_t u_t, counted as the value of the sequence's last token and reduced with `agg`
+            like the reward penalty it is equivalent to: "seq_mean_token_sum" gives the mean over
+            sequences, "seq_mean_token_mean" divides each by its length |y| (as that aggregation
+            divides a sequence-level penalty in the reward), "token_mean" sums over sequences and
+            divides by the tokens.
         off_policy: "none"; "sg_ratio": multiply by the detached ρ = π_θ/μ; "ratio": by ρ with
             gradient. ρ is per token at level "token" and per sequence at level "sequence".
         behaviour_logp: `[B, T]` log μ of the sampled tokens (the rollout policy's log-probs).
@@ -236,9 +240,19 @@ def kl_loss(
             log_ratio_clamp=log_ratio_clamp,
         )  # same shape as values
         values = rho * values
-    if level == "token":
-        return aggregate(values, mask, agg)
-    return values.mean()
+    if level == "sequence":
+        # One value per sequence, aggregated like the policy-gradient loss: with "seq_mean_token_mean"
+        # each sequence's term is divided by its length, the scale a sequence-level penalty in the
+        # reward gets from that loss, so k2 as loss and k1 in reward stay equal at one β.
+        values = _on_last_token(values, mask)  # [B, T]
+    return aggregate(values, mask, agg)
+
+
+def _on_last_token(per_seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`[B]` values placed on each sequence's last response token → `[B, T]`, zero elsewhere."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)  # [T]
+    last = (mask * positions).argmax(-1, keepdim=True)  # [B, 1] index of the last response token
+    return torch.zeros_like(mask, dtype=per_seq.dtype).scatter(-1, last, per_seq.unsqueeze(-1)) * mask
 
 
 def kl_in_reward(
@@ -275,10 +289,7 @@ def kl_in_reward(
         if level == "token":
             penalty = _estimate(estimator, u, log_ratio_clamp) * mask  # [B, T]
         else:
-            per_seq = _estimate(estimator, u.sum(-1), log_ratio_clamp)  # [B]
-            positions = torch.arange(mask.shape[-1], device=mask.device)  # [T]
-            last = (mask * positions).argmax(-1, keepdim=True)  # [B, 1] index of the last response token
-            penalty = torch.zeros_like(u).scatter(-1, last, per_seq.unsqueeze(-1)) * mask  # [B, T]
+            penalty = _on_last_token(_estimate(estimator, u.sum(-1), log_ratio_clamp), mask)  # [B, T]
         if not reward_to_go:
             return penalty
         to_go = reverse_cumsum(penalty, mask)  # [B, T]

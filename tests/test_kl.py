@@ -91,13 +91,32 @@ def test_token_loss_gradient_is_equivalent_coefficient(estimator):
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
-def test_sequence_loss_gradient_is_equivalent_coefficient_of_U(estimator):
+@pytest.mark.parametrize("agg", ["seq_mean_token_sum", "seq_mean_token_mean", "token_mean"])
+def test_sequence_loss_gradient_is_equivalent_coefficient_of_U(estimator, agg):
+    """A sequence-level loss counts as its sequence's last token under the PG loss's aggregation."""
     logp, ref, _, mask = _batch()
-    value, g = _grad(lambda lp: kl.kl_loss(lp, ref, mask, estimator=estimator, level="sequence"), logp)
+    value, g = _grad(lambda lp: kl.kl_loss(lp, ref, mask, estimator=estimator, level="sequence", agg=agg), logp)
     big_u = ((logp - ref) * mask).sum(-1, keepdim=True)  # [B, 1]
     coef = kl.equivalent_coefficient(estimator, big_u)  # [B, 1]
-    torch.testing.assert_close(g, coef * mask / logp.shape[0])
-    torch.testing.assert_close(value, kl.estimate(estimator, big_u, torch.zeros_like(big_u)).mean())
+    k = kl.estimate(estimator, big_u, torch.zeros_like(big_u))  # [B, 1]
+    lengths = mask.sum(-1, keepdim=True)  # [B, 1]
+    weight = {"seq_mean_token_sum": 1.0 / logp.shape[0], "seq_mean_token_mean": 1.0 / (logp.shape[0] * lengths),
+              "token_mean": 1.0 / mask.sum()}[agg]
+    torch.testing.assert_close(g, coef * mask * weight)
+    torch.testing.assert_close(value, (k * weight).sum() if agg != "seq_mean_token_sum" else k.mean())
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_sum", "seq_mean_token_mean", "token_mean"])
+def test_sequence_k2_loss_matches_k1_in_reward_under_each_aggregation(agg):
+    """Claim 2 as the loop uses it: the gradient of sequence-level k2 as loss equals that of the
+    policy-gradient surrogate carrying the sequence-level k1 penalty, aggregated the same way."""
+    from klbench.ops import aggregate
+
+    logp, ref, _, mask = _batch()
+    _, g_loss = _grad(lambda lp: kl.kl_loss(lp, ref, mask, estimator="k2", level="sequence", agg=agg), logp)
+    penalty = kl.kl_in_reward(logp, ref, mask, estimator="k1", level="sequence")  # [B, T] summed to go
+    _, g_reward = _grad(lambda lp: aggregate(penalty * lp, mask, agg), logp)
+    torch.testing.assert_close(g_loss, g_reward)
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -181,10 +200,13 @@ def test_aggregation_modes():
     assert set(expected) == set(AGGREGATIONS)
     for agg, want in expected.items():
         torch.testing.assert_close(kl.kl_loss(logp, ref, mask, estimator="k2", agg=agg), want)
-    # the default is seq_mean_token_mean; sequence level ignores agg
+    # the default is seq_mean_token_mean; at sequence level agg weighs each sequence's value
     torch.testing.assert_close(kl.kl_loss(logp, ref, mask, estimator="k2"), expected["seq_mean_token_mean"])
-    seq = [kl.kl_loss(logp, ref, mask, estimator="k2", level="sequence", agg=a) for a in AGGREGATIONS]
-    assert all(torch.equal(s, seq[0]) for s in seq)
+    seq = {a: kl.kl_loss(logp, ref, mask, estimator="k2", level="sequence", agg=a) for a in AGGREGATIONS}
+    per_seq = kl.estimate("k2", (logp * mask).sum(-1), (ref * mask).sum(-1))  # [B]
+    torch.testing.assert_close(seq["seq_mean_token_sum"], per_seq.mean())
+    torch.testing.assert_close(seq["seq_mean_token_mean"], (per_seq / n).mean())
+    torch.testing.assert_close(seq["token_mean"], per_seq.sum() / mask.sum())
 
 
 # ------------------------------------------------------------------ numerics
@@ -226,7 +248,8 @@ def test_clamp_is_inactive_below_the_bound_and_k1_k2_are_never_clamped():
         assert torch.equal(a, b)
     big = torch.tensor([[30.0, 30.0]], dtype=DT)  # U = 60 > 20: a long drifted response
     zero = torch.zeros_like(big)
-    assert kl.kl_loss(big, zero, torch.ones_like(big), estimator="k2", level="sequence").item() == 1800.0
+    assert kl.kl_loss(big, zero, torch.ones_like(big), estimator="k2", level="sequence",
+                      agg="seq_mean_token_sum").item() == 1800.0
 
 
 def test_padding_with_minus_inf_gives_no_nan():

@@ -153,7 +153,7 @@ def test_per_sample_gradients_match_batched_autograd():
     by_key = {v.key: v for v in theory.VARIANTS}
     for key, kw in [
         ("k3_loss_tok", dict(estimator="k3", level="token", agg="seq_mean_token_sum")),
-        ("ratio_k2_seq", dict(estimator="k2", level="sequence", off_policy="ratio")),
+        ("ratio_k2_seq", dict(estimator="k2", level="sequence", off_policy="ratio", agg="seq_mean_token_sum")),
     ]:
         per_sample = theory.per_sample_gradients(by_key[key], theta, theta_ref, theta_mu, tab)  # [N, P, V]
         th = theta.clone().requires_grad_(True)
