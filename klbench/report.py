@@ -220,7 +220,7 @@ def load_run(path: Path, name: str | None = None) -> Run:
     steps, train, evals = read_metrics(path / "metrics.jsonl")
     config = _read_yaml(path / "config.yaml") or _read_yaml(path / ".hydra" / "config.yaml") or {}
     info = {
-        k: status[k] for k in ("python", "torch", "world_size", "machine", "started", "ended") if k in status
+        k: status[k] for k in ("python", "torch", "world_size", "machine", "started", "ended", "git") if k in status
     }
     return Run(
         name=name or path.name,
@@ -995,9 +995,15 @@ def build_manifest(
         env = {k: r.info[k] for k in ("python", "torch", "world_size", "machine") if k in r.info}
         if env and env not in run_envs:
             run_envs.append(env)
+    run_commits: dict[str, int] = {}
+    for r in runs:
+        git = r.info.get("git") if isinstance(r.info.get("git"), dict) else {}
+        key = (git.get("commit") or "unknown") + (" (dirty)" if git.get("dirty") else "")
+        run_commits[key] = run_commits.get(key, 0) + 1
     return {
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "report_command": report_command,
+        "runs_commits": run_commits,
         "sweeps": [_sweep_entry(s) for s in sweeps],
         "git": git_info(),
         "machine": machine_info(),
@@ -1065,6 +1071,10 @@ def readme(manifest: dict, table: str, overview: bool, files: list[str]) -> str:
         f"on {manifest['created']} with klbench {git.get('version') or ''} at commit `{commit}`{dirty}.",
         "",
         "## The sweep",
+        "",
+        "The runs were made at commit "
+        + ", ".join(f"`{c}` ({n} run{'s' if n != 1 else ''})" for c, n in manifest.get("runs_commits", {}).items())
+        + ", by:",
         "",
         "```",
         *[c for s in manifest["sweeps"] for c in s["command"]],

@@ -51,6 +51,7 @@ def write_run(
             "python": "3.11.7",
             "torch": "2.13.0+cpu",
             "world_size": 1,
+            "git": {"commit": "a" * 40, "dirty": False},
             "ended": "2026-11-24T22:01:00+00:00",
             "step": len(rows or []),
         }
@@ -391,6 +392,7 @@ def test_manifest_and_readme_describe_the_sweep(tmp_path):
     readme = (out / "README.md").read_text()
     assert cmd in readme and manifest["report_command"] in readme and "![overview](overview.png)" in readme
     assert "| kl=none | 2 |" in readme
+    assert manifest["runs_commits"] == {"a" * 40: 4} and f"made at commit `{'a' * 40}` (4 runs)" in readme
     for text in (readme, (out / "manifest.json").read_text()):
         assert HOST not in text
 
