@@ -553,11 +553,12 @@ def run_vllm(spec: WorkerSpec) -> dict:
         from vllm.inputs import TokensPrompt
 
         threads = torch.get_num_threads()
+        eager = cfg.rollout.enforce_eager  # None: as VLLMEngine resolves it, eager on CPU
         llm = vllm.LLM(
             model=spec.model_dir,
             dtype="float32",
             seed=spec.seed,
-            enforce_eager=cfg.rollout.enforce_eager,
+            enforce_eager=(not torch.cuda.is_available()) if eager is None else eager,
             logprobs_mode="processed_logprobs",
             generation_config="vllm",
             kv_cache_memory_bytes=kv_bytes,

