@@ -1091,6 +1091,7 @@ def bench_curves(argv, args, workload: Workload, model_dir: Path, work: Path) ->
         ]
         for side, res in results.items()
     }
+    report["agreement"] = curve_agreement(report["curves"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "curves.json").write_text(json.dumps(report, indent=1))
@@ -1104,8 +1105,32 @@ def bench_curves(argv, args, workload: Workload, model_dir: Path, work: Path) ->
             f"[curves] {side}: last {n} steps mean reward {statistics.mean(r['reward'] for r in last):.3f}, "
             f"kl {statistics.mean(r['kl'] for r in last):.4f}"
         )
+    for metric, rows in report["agreement"].items():
+        zs = ", ".join(f"{w['steps']}: {w['klbench']:.3g} vs {w['trl']:.3g} (z {w['z']:+.1f})" for w in rows)
+        print(f"[curves] {metric} per window, klbench vs trl: {zs}")
     print(f"[curves] wrote {out / 'curves.json'} and {out / 'curves.png'}")
     return report
+
+
+def curve_agreement(curves: dict[str, list[dict]], window: int = 20) -> dict[str, list[dict]]:
+    """Per window of `window` steps: each side's mean reward and KL, and their difference in units of
+    its standard error (sqrt(var_a/n + var_b/n) from the per-step values; |z| < 2: within noise)."""
+    out: dict[str, list[dict]] = {}
+    a, b = curves["klbench"], curves["trl"]
+    for metric in ("reward", "kl"):
+        rows = []
+        for start in range(0, min(len(a), len(b)), window):
+            xa = [r[metric] for r in a[start:start + window]]
+            xb = [r[metric] for r in b[start:start + window]]
+            if len(xa) < 2 or len(xb) < 2:
+                continue
+            se = math.sqrt(statistics.variance(xa) / len(xa) + statistics.variance(xb) / len(xb))
+            diff = statistics.mean(xa) - statistics.mean(xb)
+            rows.append({"steps": f"{a[start]['step']}-{a[start + len(xa) - 1]['step']}",
+                         "klbench": statistics.mean(xa), "trl": statistics.mean(xb), "diff": diff,
+                         "se": se, "z": diff / se if se > 0 else 0.0})
+        out[metric] = rows
+    return out
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, window: int = 10) -> None:

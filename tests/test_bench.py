@@ -236,3 +236,12 @@ def test_engine_overhead_times_the_engine_and_both_bare_forms(run_cli, tmp_path)
         steps = report["runs"][side][0]["steps"]
         assert [s["completions"] for s in steps] == [128, 128] and all(s["completion_tokens"] <= 128 * 4 for s in steps)
     assert all(math.isfinite(v["median"]) for v in report["engine_over_bare"].values())
+
+
+def test_curve_agreement_measures_differences_in_standard_errors():
+    flat = [{"step": i + 1, "reward": 0.5 + 0.1 * (i % 2), "kl": 0.01} for i in range(40)]
+    shifted = [{**r, "reward": r["reward"] + 0.5} for r in flat]
+    same = bench.curve_agreement({"klbench": flat, "trl": flat})
+    assert [w["steps"] for w in same["reward"]] == ["1-20", "21-40"] and all(w["z"] == 0 for w in same["reward"])
+    far = bench.curve_agreement({"klbench": shifted, "trl": flat})
+    assert all(w["z"] > 10 and abs(w["diff"] - 0.5) < 1e-9 for w in far["reward"])
