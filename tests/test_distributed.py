@@ -110,6 +110,12 @@ def assert_written_once(run_dir: Path, world: int) -> None:
     ).exists()
 
 
+def assert_matches(run_dir: Path, baseline: Path) -> None:
+    """A 2-process run wrote its directory once and logged the 1-process baseline's metrics."""
+    assert_written_once(run_dir, world=2)
+    assert_same_metrics(run_dir, baseline)
+
+
 @pytest.fixture(scope="module")
 def baselines(miniature_cache, tmp_path_factory) -> dict[str, Path]:
     """1-process torch-backend runs of the two settings."""
@@ -123,8 +129,7 @@ def baselines(miniature_cache, tmp_path_factory) -> dict[str, Path]:
 def test_torchrun_ddp_matches_one_process(baselines, tmp_path):
     run_dir = tmp_path / "ddp"
     torchrun(*DEFAULT, f"hydra.run.dir={run_dir}")
-    assert_written_once(run_dir, world=2)
-    assert_same_metrics(run_dir, baselines["default"])
+    assert_matches(run_dir, baselines["default"])
 
 
 def test_torchrun_deepspeed_zero3_matches_one_process(baselines, tmp_path):
@@ -137,8 +142,7 @@ def test_torchrun_deepspeed_zero3_matches_one_process(baselines, tmp_path):
         "+trainer.deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0",
         f"hydra.run.dir={run_dir}",
     )
-    assert_written_once(run_dir, world=2)
-    assert_same_metrics(run_dir, baselines["token_mean"])
+    assert_matches(run_dir, baselines["token_mean"])
 
 
 def test_deepspeed_launcher_matches_one_process(baselines, tmp_path):
@@ -161,8 +165,7 @@ def test_deepspeed_launcher_matches_one_process(baselines, tmp_path):
             f"hydra.run.dir={run_dir}",
         ]
     )
-    assert_written_once(run_dir, world=2)
-    assert_same_metrics(run_dir, baselines["default"])
+    assert_matches(run_dir, baselines["default"])
 
 
 def test_ranks_share_one_run_dir(miniature_cache, tmp_path):

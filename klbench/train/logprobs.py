@@ -14,7 +14,9 @@ def token_logprobs(
     entropies `[N, R]` of pi(. | x, y_<t) when asked. `pi` is the model's distribution at
     `temperature`, the distribution the engines sample from (top-p aside).
 
-    Log-probs come from a gather and a logsumexp over the logits, never a full log-softmax copy.
+    Log-probs come from a gather and a logsumexp over the logits, never a full log-softmax copy with
+    gradient (that copy is what costs memory at real vocabulary sizes); entropies, when asked, take a
+    softmax without gradient.
     """
     dev = next(model.parameters()).device
     resp = batch.response_ids.to(dev)  # [N, R]
@@ -43,7 +45,8 @@ def _full_logits(model, batch: RolloutBatch, dev) -> torch.Tensor:
     ids = batch.input_ids().to(dev)  # [N, P+R]
     if bool(batch.prompt_mask.all()):
         # No left padding: causal attention alone is right for every real token (right padding only
-        # follows them), so skip building a 4-D mask -- a large share of a tiny model's forward.
+        # follows them). This saves nothing measurable (transformers drops an all-ones mask itself:
+        # results/perf/ablations-1m.md, no_4d_mask) but keeps the call the same as the engine's.
         attn = pos = None
     else:
         attn = batch.attention_mask().to(dev)  # [N, P+R]
@@ -64,7 +67,7 @@ def _shared_prompt_logits(model, batch: RolloutBatch, inverse: torch.Tensor, dev
     """
     from transformers import DynamicCache
 
-    n, p = batch.prompt_ids.shape
+    n = batch.num_samples
     r = batch.response_ids.shape[1]
     first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long)
     first = first.scatter_reduce(0, inverse, torch.arange(n), reduce="amin")  # a row of each prompt
