@@ -32,7 +32,9 @@ What is identical on both sides (the RL step of FIELD_NOTES.md "Peer baseline"):
   model; both sides then draw lengths from the same policy, and the tokens per step are recorded.
 
 Known differences that are part of what is measured: each framework's own sampler (klbench's
-KV-cache loop vs `model.generate`), its log-prob forwards, and its AdamW (both fused: TRL/HF's default
+KV-cache loop vs `model.generate`), its log-prob forwards (klbench's run each distinct prompt once
+and, with its default `model.attn_implementation=auto`, compute short-sequence attention on CPU by
+two matmuls instead of SDPA; TRL uses transformers' default SDPA), and its AdamW (both fused: TRL/HF's default
 `adamw_torch_fused`, klbench `torch.optim.AdamW(fused=True)`). klbench keeps its default
 k3 log-ratio clamp at 20 nats; each step records how often it acted (`kl_clamp_rate`, 0 in our runs).
 
@@ -376,7 +378,9 @@ def _start_profiler(spec: WorkerSpec):
     prof = profile(
         activities=[ProfilerActivity.CPU],
         record_shapes=True,
-        schedule=schedule(wait=max(0, spec.warmup - 1), warmup=min(1, spec.warmup), active=spec.steps),
+        # repeat=1: with repeat=0 a new cycle starts after the active steps and, when it has no wait step
+        # (warm-up 1), its warm-up discards the recorded table before stop() reads it
+        schedule=schedule(wait=max(0, spec.warmup - 1), warmup=min(1, spec.warmup), active=spec.steps, repeat=1),
     )
     prof.start()
     return prof

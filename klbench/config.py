@@ -116,6 +116,9 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # auto: klbench's (matmul attention for short sequences on CPU, SDPA otherwise: klbench/attention.py);
+    # or a transformers name: sdpa | eager | flash_attention_2 | ...
+    attn_implementation: str = "auto"
     # The miniature (used when name_or_path is null): a Qwen2 causal LM built in code.
     hidden_size: int = 128
     num_layers: int = 4
@@ -125,6 +128,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model", "dtype", self.dtype, DTYPES)
+        _check(bool(self.attn_implementation), "model", "attn_implementation", self.attn_implementation,
+               "must be auto or a transformers attention implementation (sdpa, eager, ...)")
         _check(self.hidden_size % self.num_heads == 0, "model", "hidden_size", self.hidden_size,
                f"must be divisible by model.num_heads={self.num_heads}")
 

@@ -163,6 +163,9 @@ def load_causal_lm(path: str, cfg: ModelConfig, device: torch.device, trainable:
         )
     except (OSError, ValueError) as e:
         raise KlbenchError(_load_hint(path, e)) from e
+    from klbench import attention
+
+    attention.apply(model, cfg.attn_implementation)
     model.to(device)
     if trainable:
         model.train()

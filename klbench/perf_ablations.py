@@ -52,6 +52,13 @@ PREDICTED = {
         "log-prob math (forward+backward) -20-40%, under 1% of the step",
         "one [N, R, V] tensor fewer written and read back",
     ),
+    "small_attention": (
+        "transformers' SDPA attention everywhere (model.attn_implementation=sdpa)",
+        "scoring forward+backward -5-10% (1m), ~0-3% at 25m",
+        "written after a prototype A/B of transformers' eager attention (forward -10%, forward+backward -9% "
+        "at 1m): at Lq x Lk ~ 13 x 21 and 128 x 4 (batch x head) blocks, CPU SDPA's per-block cost exceeds the "
+        "arithmetic; at 25m the matmuls around attention dominate",
+    ),
     "fused_adamw": (
         "torch.optim.AdamW(foreach=True)",
         "optimizer step -50-80%, a few ms per step (1m)",
@@ -105,6 +112,8 @@ def build_pairs(model_dir: str, *, seed: int = 0) -> list[Pair]:
     dev = torch.device("cpu")
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, ModelConfig(dtype="float32"), dev, trainable=True)
+    sdpa_model = load_causal_lm(model_dir, ModelConfig(dtype="float32", attn_implementation="sdpa"), dev,
+                                trainable=True)  # the same weights with transformers' SDPA attention
     prompts = [tok.encode(ex.question) for ex in synthetic.problems(seed, 1, bench.PROMPTS_PER_STEP)]
     params = SamplingParams(n=bench.GROUP_SIZE, max_new_tokens=bench.MAX_NEW_TOKENS,
                             temperature=bench.TEMPERATURE, seed=seed)
@@ -116,14 +125,14 @@ def build_pairs(model_dir: str, *, seed: int = 0) -> list[Pair]:
     ids = batch.input_ids()
     mask = batch.response_mask
 
-    def scored(logits_fn, grad: bool):
+    def scored(logits_fn, grad: bool, on=model):
         def run():
             with torch.set_grad_enabled(grad):
                 logits = logits_fn().float()
                 out = (logits.logsumexp(-1) * mask).sum()
                 if grad:
                     out.backward()
-                    model.zero_grad(set_to_none=True)
+                    on.zero_grad(set_to_none=True)
         return run
 
     no_grad_forward = torch.no_grad()(lambda **kw: model(input_ids=ids, use_cache=False, **kw))
@@ -156,6 +165,9 @@ def build_pairs(model_dir: str, *, seed: int = 0) -> list[Pair]:
         Pair("shared_prompt_forward",
              scored(lambda: lp._shared_prompt_logits(model, batch, inverse, dev), grad=True),
              scored(lambda: lp._full_logits(model, batch, dev), grad=True)),
+        Pair("small_attention",
+             scored(lambda: lp._shared_prompt_logits(model, batch, inverse, dev), grad=True),
+             scored(lambda: lp._shared_prompt_logits(sdpa_model, batch, inverse, dev), grad=True, on=sdpa_model)),
         Pair("drop_finished_rows", lambda: engine.generate(prompts, params),
              lambda: keep_engine.generate(prompts, params)),
         Pair("one_prefill_per_prompt", lambda: engine.generate(prompts, params),
