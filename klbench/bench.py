@@ -378,6 +378,7 @@ def _start_profiler(spec: WorkerSpec):
     prof = profile(
         activities=[ProfilerActivity.CPU],
         record_shapes=True,
+        with_flops=True,  # matrix products' FLOPs: how close the step is to its arithmetic floor
         # repeat=1: with repeat=0 a new cycle starts after the active steps and, when it has no wait step
         # (warm-up 1), its warm-up discards the recorded table before stop() reads it
         schedule=schedule(wait=max(0, spec.warmup - 1), warmup=min(1, spec.warmup), active=spec.steps, repeat=1),
@@ -394,12 +395,43 @@ def _write_profile(prof, spec: WorkerSpec) -> None:
         f"torch.profiler over {spec.steps} klbench steps of workload {spec.workload} (after {spec.warmup} warm-up), "
         f"{spec.threads} threads; times are totals over those steps",
         "",
+        matmul_floor(averages, spec.steps),
+        "",
         "== by self CPU time ==",
         averages.table(sort_by="self_cpu_time_total", row_limit=30),
         "== by total CPU time (inclusive) ==",
         averages.table(sort_by="cpu_time_total", row_limit=30),
     ]
     path.write_text("\n".join(text))
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def peak_matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of a large float32 square matrix product on this process's threads: the machine's
+    practical matmul ceiling, next to which the step's own matrix products are judged."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def matmul_floor(averages, steps: int) -> str:
+    """One paragraph: the step's matrix-product time and FLOPs per step, their rate against a large sgemm's,
+    and so the step time left if everything else cost nothing."""
+    rows = [e for e in averages if e.key in MATMUL_OPS]
+    secs = sum(e.self_cpu_time_total for e in rows) / 1e6 / steps
+    gflop = sum(e.flops for e in rows) / 1e9 / steps
+    peak = peak_matmul_gflops()
+    return (f"matrix products ({', '.join(MATMUL_OPS)}): {secs:.3f} s and {gflop:.1f} GFLOP per step, "
+            f"{gflop / max(secs, 1e-9):.0f} GFLOP/s; a 2048^3 float32 matmul runs at {peak:.0f} GFLOP/s on the same "
+            f"threads. With every other cost at zero a step would still take {secs:.3f} s "
+            f"({gflop / peak:.3f} s at that peak rate).")
 
 
 # -- the TRL side -----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 
 import pytest
 
@@ -205,6 +206,17 @@ def test_short_mode_times_both_sides_and_prints_the_ratio(run_cli, miniature_cac
     ratio = report["summary"]["ratios"]["trl"]["median"]
     assert math.isfinite(ratio) and ratio > 0
     assert report["settings"]["optimizers"]["trl"].startswith("AdamW")
+
+
+@pytest.mark.slow
+def test_profile_writes_the_op_table_and_the_matmul_floor(run_cli, miniature_cache, tmp_path):
+    # one warm-up step: the profiler schedule then has no wait step (this once emptied the table)
+    run_cli("bench", "--profile", "--steps", "2", "--warmup", "1", "--threads", "1", "--out", str(tmp_path))
+    text = (tmp_path / "profile-klbench-1m.txt").read_text()
+    floor = re.search(r"matrix products \(.*\): ([0-9.]+) s and ([0-9.]+) GFLOP per step, ([0-9]+) GFLOP/s; "
+                      r"a 2048\^3 float32 matmul runs at ([0-9]+) GFLOP/s", text)
+    assert floor and all(float(x) > 0 for x in floor.groups()), text[:2000]
+    assert text.count("aten::mm") >= 2  # in both tables
 
 
 @pytest.mark.slow
