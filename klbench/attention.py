@@ -32,17 +32,14 @@ def small_attention_applies(query: torch.Tensor, key: torch.Tensor, dropout: flo
 
 def matmul_attention(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
     """softmax(q kᵀ · scaling + mask) v for `[B, H, Lq, D]` queries and `[B, H, Lk, D]` keys/values →
-    `[B, Lq, H, D]`. A None mask means causal (bottom-right aligned, as with a KV cache). Masked scores
+    `[B, Lq, H, D]`. The mask is boolean (True = attend), as SDPA's mask builder makes it; None means causal (bottom-right aligned, as with a KV cache). Masked scores
     take the dtype's minimum rather than -inf, so a query with nothing to attend to (a left-padding
     position, whose output nobody reads) gets a finite uniform average instead of NaN."""
     lq, lk = query.shape[-2], key.shape[-2]
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # [B, H, Lq, Lk]
     if attention_mask is None:
         attention_mask = torch.ones((lq, lk), dtype=torch.bool, device=query.device).tril(lk - lq)
-    if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    else:  # an additive float mask
-        scores = scores + attention_mask
+    scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(probs, value).transpose(1, 2).contiguous()
 
@@ -59,8 +56,6 @@ def auto_attention(module, query, key, value, attention_mask, scaling=None, drop
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if attention_mask is not None and attention_mask.dim() == 4:
-        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     return matmul_attention(query, key, value, attention_mask, scaling), None
 
 
@@ -73,8 +68,8 @@ def register() -> None:
     AttentionMaskInterface.register(AUTO_NAME, sdpa_mask)
 
 
-def apply(model: torch.nn.Module, choice: str) -> str:
-    """Set the model's attention implementation from `model.attn_implementation` and return the name in use.
+def apply(model: torch.nn.Module, choice: str) -> None:
+    """Set the model's attention implementation from `model.attn_implementation`.
     `auto` → klbench's (above); any other value is a transformers name (sdpa, eager, flash_attention_2, ...).
     A model whose code cannot switch (old remote code) keeps what it loaded with."""
     name = AUTO_NAME if choice == "auto" else choice
@@ -87,4 +82,3 @@ def apply(model: torch.nn.Module, choice: str) -> str:
             from klbench.errors import KlbenchError
 
             raise KlbenchError(f"model.attn_implementation={choice!r} is not available for this model: {e}") from e
-    return getattr(model.config, "_attn_implementation", name)
