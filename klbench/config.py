@@ -16,6 +16,7 @@ from typing import Any
 
 from klbench.errors import KlbenchError
 
+
 class Choice(str, Enum):
     """A string-valued config choice: equal to, and printed as, its value. The allowed values of
     every choice are these classes' members; nothing else lists them."""
