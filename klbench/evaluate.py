@@ -29,20 +29,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from klbench.config import Config, ConfigError, DataConfig
+from klbench.config import Config, ConfigError, DataConfig, load_preset
 from klbench.data import Task, build_eval_task
 from klbench.data.example import Example
 from klbench.data.sources import load_examples
-from klbench.errors import KlbenchError
+from klbench.models import load_causal_lm, load_tokenizer, resolve_model_dir
+from klbench.paths import conf_dir
+from klbench.records import write_json
 from klbench.reward import RewardFn, build_reward, reward_kind, verifier
 from klbench.rollout.base import RolloutBatch, SamplingParams
+from klbench.rollout.factory import build_engine, check_engine
+from klbench.train import runstate
 
 log = logging.getLogger(__name__)
 
@@ -116,29 +119,17 @@ def dataset_metrics(name: str, records: list[dict], n: int, greedy: bool) -> dic
 
 
 # -- datasets ------------------------------------------------------------------------------------------
-def conf_data_dir() -> Path:
-    from klbench.cli import conf_dir
-
-    return conf_dir() / "data"
-
-
-def load_preset(name: str) -> DataConfig:
+def load_data_preset(name: str) -> DataConfig:
     """A `conf/data/<name>.yaml` preset (or a path to such a yaml file) as a validated DataConfig."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    path = Path(name) if name.endswith((".yaml", ".yml")) else conf_data_dir() / f"{name}.yaml"
+    presets = conf_dir() / "data"
+    path = Path(name) if name.endswith((".yaml", ".yml")) else presets / f"{name}.yaml"
     if not path.is_file():
-        presets = sorted(p.stem for p in conf_data_dir().glob("*.yaml"))
+        names = sorted(p.stem for p in presets.glob("*.yaml"))
         raise ConfigError(
-            f"eval.datasets: no data preset {name!r}; presets: {', '.join(presets)} "
+            f"eval.datasets: no data preset {name!r}; presets: {', '.join(names)} "
             "(or give a path to a yaml file with data.* keys)"
         )
-    try:
-        node = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path))
-        return OmegaConf.to_object(node)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"eval.datasets: {path}: {str(e).splitlines()[0]}") from e
+    return load_preset(path, DataConfig, "eval.datasets")
 
 
 @dataclass
@@ -158,7 +149,7 @@ def eval_data(cfg: Config) -> list[DataConfig]:
     """
     if not cfg.eval.datasets:
         return [cfg.data]
-    dcfgs = [load_preset(n) for n in cfg.eval.datasets]
+    dcfgs = [load_data_preset(n) for n in cfg.eval.datasets]
     dcfgs = [d if d.source == "synthetic" else replace(d, prompt=cfg.data.prompt) for d in dcfgs]
     names = [d.name for d in dcfgs]
     if len(set(names)) != len(names):
@@ -223,8 +214,6 @@ class Evaluator:
     """Evaluates the engine's policy on the eval sets; built once, called at the steps `due` says."""
 
     def __init__(self, cfg: Config, tokenizer, run_dir: Path | str, dist=None):
-        from klbench.train import runstate
-
         self.cfg, self.ecfg, self.tokenizer = cfg, cfg.eval, tokenizer
         self.run_dir = Path(run_dir)
         self.dist = dist or runstate.single_process()
@@ -237,8 +226,6 @@ class Evaluator:
 
     def __call__(self, policy, engine, step: int) -> dict[str, float]:
         """eval/<dataset>/... metrics of the engine's current weights; writes the per-problem files."""
-        from klbench.train import runstate
-
         state = runstate.rng_state()
         try:
             metrics: dict[str, float] = {}
@@ -346,6 +333,15 @@ def build_evaluator(cfg: Config, tokenizer, run_dir: Path | str, dist=None) -> E
     return Evaluator(cfg, tokenizer, run_dir, dist)
 
 
+def training_evaluator(cfg: Config, run_dir: Path) -> Callable[..., Evaluator | None] | None:
+    """What `klbench run` hands the trainer: `(tokenizer, dist) -> Evaluator`, or None when the run does
+    not evaluate. The evaluation data is loaded and checked now, before any model is built."""
+    if cfg.eval.every == 0 and not cfg.eval.at_end:
+        return None
+    check_data(cfg)
+    return lambda tokenizer, dist: build_evaluator(cfg, tokenizer, run_dir, dist)
+
+
 # -- `klbench eval` -------------------------------------------------------------------------------------
 def table(metrics: dict[str, float], sets: list[str]) -> str:
     """A small text table: one row per dataset, one column per metric."""
@@ -368,16 +364,11 @@ def table(metrics: dict[str, float], sets: list[str]) -> str:
 
 def evaluate_model(cfg: Config, run_dir: Path) -> dict:
     """Load `model.name_or_path` (the miniature when null), evaluate it, write eval_metrics.json + per-problem files."""
-    from klbench.models import load_causal_lm, load_tokenizer, resolve_model_dir
-    from klbench.rollout.factory import build_engine
-    from klbench.train import runstate
-    from klbench.train.loop import pick_device, set_threads
-    from klbench.train.run import write_json
-
-    check_data(cfg)  # before the miniature is built or a model downloaded
+    check_engine(cfg.rollout)  # before the miniature is built or a model downloaded
+    check_data(cfg)
     dist = runstate.from_env()
-    set_threads(cfg.trainer.threads)
-    device = pick_device(cfg.trainer.device)
+    runstate.set_threads(cfg.trainer.threads)
+    device = runstate.pick_device(cfg.trainer.device)
     model_dir = resolve_model_dir(cfg.model, seed=0)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     evaluator = Evaluator(cfg, tokenizer, run_dir, dist)
@@ -403,18 +394,3 @@ def evaluate_model(cfg: Config, run_dir: Path) -> dict:
         print(table(metrics, names))
         print(f"per-problem results: {run_dir / 'eval'}; metrics: {run_dir / 'eval_metrics.json'}")
     return result
-
-
-def eval_task(dcfg) -> dict | None:
-    """Hydra's task for `klbench eval`: evaluate one model in the job's output directory."""
-    from klbench.cli import _job_context, fail
-    from klbench.config import to_config
-
-    run_dir, _, _, multirun = _job_context()
-    try:
-        return evaluate_model(to_config(dcfg), run_dir)
-    except (KlbenchError, ConfigError) as e:
-        if multirun:
-            print(f"klbench: eval job {run_dir.name} failed: {e}", file=sys.stderr)
-            return None
-        fail(str(e), code=1)

@@ -1,8 +1,8 @@
 """Models: the embedded miniature (byte-level tokenizer + tiny Qwen2, built in code) and real ones.
 
-`load_models(cfg, ...)` returns the tokenizer, the trainable policy and the frozen reference
-policy. With `model.name_or_path=null` it builds the *miniature*: a ~1M-parameter Qwen2 causal
-LM, warm-started by supervised training on the synthetic arithmetic task until its sampled
+`resolve_model_dir(cfg.model)` names the directory the policy and the frozen reference are loaded
+from (`load_tokenizer`, `load_causal_lm`). With `model.name_or_path=null` it is the *miniature*: a
+~1M-parameter Qwen2 causal LM, warm-started by supervised training on the synthetic arithmetic task until its sampled
 accuracy reaches `model.sft.target_acc`, and cached as a Hugging Face model directory under
 `$KLBENCH_CACHE` (default `$XDG_CACHE_HOME/klbench`, else `~/.cache/klbench`), keyed by every
 setting that shapes it. That directory is π_ref and the RL initialisation, and it is what an
@@ -24,6 +24,7 @@ import torch
 
 from klbench.config import ModelConfig
 from klbench.errors import KlbenchError
+from klbench.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,6 @@ EOS_TOKEN = "<|endoftext|>"
 #: Bumped whenever the miniature's tokenizer, task or SFT recipe changes, so caches are not reused.
 MINIATURE_VERSION = 1
 MAX_POSITIONS = 1024
-
-
-def cache_root() -> Path:
-    if os.environ.get("KLBENCH_CACHE"):
-        return Path(os.environ["KLBENCH_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "klbench"
 
 
 def _bytes_to_unicode() -> dict[int, str]:

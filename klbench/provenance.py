@@ -23,7 +23,7 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def git_info() -> dict:
-    """The klbench source tree's commit and whether its source (klbench/, conf/, recipes/) differs from it."""
+    """The klbench source tree's commit and whether its source (klbench/, conf/) differs from it."""
     from importlib import metadata
 
     root = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def git_info() -> dict:
             "note": "klbench is not running from a git checkout",
         }
     commit = _git(root, "rev-parse", "HEAD")
-    paths = [p for p in ("klbench", "conf", "recipes", "pyproject.toml") if (root / p).exists()]
+    paths = [p for p in ("klbench", "conf", "pyproject.toml") if (root / p).exists()]
     changes = _git(root, "status", "--porcelain", "--", *paths)
     info = {"commit": commit, "dirty": bool(changes) if changes is not None else None, "version": version}
     if commit is None:

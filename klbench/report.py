@@ -1055,7 +1055,7 @@ def readme(manifest: dict, table: str, overview: bool, files: list[str]) -> str:
     """README.md of the out dir: how it was made, the table, the overview figure, the machine."""
     git = manifest["git"]
     commit = git.get("commit") or f"no commit ({git.get('note', 'unknown')})"
-    dirty = " (with uncommitted changes to klbench/, conf/ or recipes/)" if git.get("dirty") else ""
+    dirty = " (with uncommitted changes to klbench/ or conf/)" if git.get("dirty") else ""
     runs = manifest["runs"]
     done = sum(r["status"] == COMPLETED for r in runs)
     wall = manifest["wall_s"]

@@ -55,8 +55,6 @@ class NullTracker:
 
     def log_samples(self, step: int, samples: list[dict]) -> None: ...
 
-    def print(self, msg: str) -> None: ...
-
     def finish(self, summary: dict | None = None) -> None: ...
 
 
@@ -134,12 +132,6 @@ class Tracker(NullTracker):
         for s in samples:
             self._samples.write(json.dumps({"step": step, **s}) + "\n")
         self._samples.flush()
-
-    def print(self, msg: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(msg)
-        else:
-            print(msg, file=sys.stderr, flush=True)
 
     def finish(self, summary: dict | None = None) -> None:
         if self._progress is not None:

@@ -19,6 +19,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def pytest_configure(config):
+    # The benchmark rows the tests read: ../shared/data beside the repository (a user's default is
+    # their own cache). .ci/run sets the same; a KLBENCH_DATA already set wins.
+    if SHARED_DATA.is_dir():
+        os.environ.setdefault("KLBENCH_DATA", str(SHARED_DATA))
+    # No hub here: a missing dataset or model must fail at once, not after minutes of retries.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     # Test subprocesses must not upload anything, and must not wait on a W&B service.
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from klbench import bench
+from klbench.bench import runner, trl_side, workload
 
 pytestmark = pytest.mark.bench
 
@@ -19,7 +19,7 @@ NEEDS_TRL = pytest.mark.skipif(not HAS_TRL, reason="TRL is not installed (pip in
 
 
 def test_trl_settings_are_the_comparable_ones():
-    s = bench.trl_settings(steps=5, seed=0, output_dir="/tmp/x", device="cpu")
+    s = trl_side.trl_settings(steps=5, seed=0, output_dir="/tmp/x", device="cpu")
     assert s["beta"] == 0.2
     assert s["loss_type"] == "grpo"  # per-sequence token mean, not TRL's default "dapo"
     assert s["num_generations"] == 8
@@ -40,17 +40,17 @@ def test_trl_settings_are_the_comparable_ones():
 def test_trl_accepts_the_settings_as_one_generation_round_per_step(tmp_path):
     from trl import GRPOConfig
 
-    args = GRPOConfig(**bench.trl_settings(steps=5, seed=0, output_dir=str(tmp_path), device="cpu"))
+    args = GRPOConfig(**trl_side.trl_settings(steps=5, seed=0, output_dir=str(tmp_path), device="cpu"))
     assert args.generation_batch_size == 128
     assert args.steps_per_generation == 1
     assert args.beta == 0.2 and args.loss_type == "grpo" and args.use_bias_correction_kl is False
 
 
 def test_klbench_side_composes_the_same_step(tmp_path):
-    spec = bench.WorkerSpec(
+    spec = workload.WorkerSpec(
         side="klbench", workload="1m", model_dir=str(tmp_path), steps=4, warmup=1, threads=1
     )
-    cfg = bench.klbench_config(spec)
+    cfg = workload.klbench_config(spec)
     assert (cfg.kl.estimator, cfg.kl.placement, cfg.kl.level, cfg.kl.off_policy) == (
         "k3",
         "loss",
@@ -75,8 +75,8 @@ def test_scratch_model_cannot_end_a_completion_early(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tiny = bench.Workload("tiny", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-    path = bench.model_dir_for(tiny, tmp_path)
+    tiny = workload.Workload("tiny", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    path = workload.model_dir_for(tiny, tmp_path)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.config.vocab_size == tok.eos_token_id == 257  # bytes + pad, no EOS row
@@ -91,7 +91,7 @@ def test_scratch_model_cannot_end_a_completion_early(tmp_path):
         pad_token_id=tok.pad_token_id,
     )
     assert out.shape == (64, ids.shape[1] + 14)
-    with_eos = bench.model_dir_for(tiny, tmp_path, eos_row=True)
+    with_eos = workload.model_dir_for(tiny, tmp_path, eos_row=True)
     assert json.loads((with_eos / "config.json").read_text())["vocab_size"] == 258
 
 
@@ -102,7 +102,7 @@ def test_workload_sizes_match_their_names(name, low, high):
     from klbench.config import ModelConfig
     from klbench.models import build_miniature
 
-    w = bench.WORKLOADS[name]
+    w = workload.WORKLOADS[name]
     arch = ModelConfig(
         hidden_size=w.hidden_size,
         num_layers=w.num_layers,
@@ -136,38 +136,38 @@ def _run(side, steps, per_step=None):
 
 
 def test_check_identical_work_flags_extra_rounds_and_short_completions():
-    spec = bench.WorkerSpec(side="trl", workload="25m", model_dir="m", steps=3, warmup=0, threads=1)
-    assert bench.check_identical_work(_run("trl", [1, 2, 3]), spec, scratch=True) == []
+    spec = workload.WorkerSpec(side="trl", workload="25m", model_dir="m", steps=3, warmup=0, threads=1)
+    assert runner.check_identical_work(_run("trl", [1, 2, 3]), spec, scratch=True) == []
     bad = _run(
         "trl", [1, 2, 3], {2: {"generate_calls": 2}, 3: {"completion_tokens": 1700, "optimizer_steps": 0}}
     )
-    problems = bench.check_identical_work(bad, spec, scratch=True)
+    problems = runner.check_identical_work(bad, spec, scratch=True)
     assert len(problems) == 3
     assert "step 2: 2 generation rounds" in problems[0]
     assert any("step 3: 0 optimizer steps" in p for p in problems)
     assert any("step 3: 1700 generated tokens" in p for p in problems)
     # the 1m miniature samples EOS: fewer tokens is not a problem there
-    assert bench.check_identical_work(bad, spec, scratch=False)[1:] == [problems[1]]
+    assert runner.check_identical_work(bad, spec, scratch=False)[1:] == [problems[1]]
 
 
 def test_summary_skips_warmup_and_ratios_pair_repetitions():
     fast = _run("klbench", [1, 2, 3], {1: {"step_s": 9.0}, 2: {"step_s": 0.2}, 3: {"step_s": 0.4}})
-    s = bench.summarize_run(fast, warmup=1)
+    s = runner.summarize_run(fast, warmup=1)
     assert math.isclose(s["s_per_step"], 0.3) and math.isclose(s["samples_per_s"], 128 / 0.3)
     assert s["peak_rss_mib"] == 1024
     runs = {
         "klbench": [{"s_per_step": 1.0, "step_s_median": 1.0}, {"s_per_step": 2.0, "step_s_median": 1.0}],
         "trl": [{"s_per_step": 3.0, "step_s_median": 1.5}, {"s_per_step": 2.0, "step_s_median": 2.0}],
     }
-    agg = bench.aggregate(runs, "klbench", ["trl"])
+    agg = runner.aggregate(runs, "klbench", ["trl"])
     assert agg["ratios"]["trl"] == {"min": 1.0, "median": 2.0, "max": 3.0}
     assert agg["ratios_of_median_steps"]["trl"] == {"min": 1.5, "median": 1.75, "max": 2.0}
     assert agg["sides"]["klbench"]["s_per_step"] == {"min": 1.0, "median": 1.5, "max": 2.0}
 
 
 def test_busy_machine_is_flagged():
-    assert bench.load_note([0.4, 0.3, 0.2], [0.9, 0.5, 0.3], cores=2) is None
-    note = bench.load_note([0.4, 0.3, 0.2], [3.5, 1.0, 0.5], cores=2)
+    assert runner.load_note([0.4, 0.3, 0.2], [0.9, 0.5, 0.3], cores=2) is None
+    note = runner.load_note([0.4, 0.3, 0.2], [3.5, 1.0, 0.5], cores=2)
     assert "3.50 on 2 cores" in note and "rerun on a quiet machine" in note
 
 
@@ -176,7 +176,7 @@ def test_without_trl_it_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a)
     )
-    assert bench.main(["--short"]) == 2
+    assert runner.main(["--short"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install -e '.[bench]'" in err
 
@@ -221,7 +221,7 @@ def test_profile_writes_the_op_table_and_the_matmul_floor(run_cli, miniature_cac
 
 @pytest.mark.slow
 def test_ablations_time_each_optimisation_against_its_plain_version(run_cli, miniature_cache, tmp_path):
-    from klbench.perf_ablations import PREDICTED
+    from klbench.bench.ablations import PREDICTED
 
     proc = run_cli("bench", "--ablations", "--reps", "1", "--threads", "1", "--out", str(tmp_path), timeout=600)
     report = json.loads((tmp_path / "ablations-1m.json").read_text())
@@ -242,8 +242,8 @@ def test_engine_overhead_times_the_engine_and_both_bare_forms(run_cli, tmp_path)
     run_cli("bench", "--engine-overhead", "--reps", "1", "--steps", "1", "--warmup", "1", "--threads", "1",
             "--new-tokens", "4", "--out", str(tmp_path), timeout=900)
     report = json.loads((tmp_path / "engine-overhead-25m.json").read_text())
-    assert set(report["tokens_per_s"]) == set(bench.ENGINE_SIDES)
-    for side in bench.ENGINE_SIDES:
+    assert set(report["tokens_per_s"]) == set(workload.ENGINE_SIDES)
+    for side in workload.ENGINE_SIDES:
         assert report["tokens_per_s"][side]["median"] > 0
         steps = report["runs"][side][0]["steps"]
         assert [s["completions"] for s in steps] == [128, 128] and all(s["completion_tokens"] <= 128 * 4 for s in steps)
@@ -253,7 +253,7 @@ def test_engine_overhead_times_the_engine_and_both_bare_forms(run_cli, tmp_path)
 def test_curve_agreement_measures_differences_in_standard_errors():
     flat = [{"step": i + 1, "reward": 0.5 + 0.1 * (i % 2), "kl": 0.01} for i in range(40)]
     shifted = [{**r, "reward": r["reward"] + 0.5} for r in flat]
-    same = bench.curve_agreement({"klbench": flat, "trl": flat})
+    same = runner.curve_agreement({"klbench": flat, "trl": flat})
     assert [w["steps"] for w in same["reward"]] == ["1-20", "21-40"] and all(w["z"] == 0 for w in same["reward"])
-    far = bench.curve_agreement({"klbench": shifted, "trl": flat})
+    far = runner.curve_agreement({"klbench": shifted, "trl": flat})
     assert all(w["z"] > 10 and abs(w["diff"] - 0.5) < 1e-9 for w in far["reward"])

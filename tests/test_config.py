@@ -24,7 +24,6 @@ BAD = [
 
 @pytest.mark.parametrize("overrides,expected", BAD, ids=[" ".join(b[0]) for b in BAD])
 def test_bad_value_gives_one_line_error(overrides, expected, capsys):
-    cli.register()
     multirun = False
     with pytest.raises(SystemExit) as exc:
         cli.prevalidate(overrides, multirun)
@@ -36,14 +35,12 @@ def test_bad_value_gives_one_line_error(overrides, expected, capsys):
 
 
 def test_sweep_is_validated_point_by_point(capsys):
-    cli.register()
     with pytest.raises(SystemExit):
         cli.prevalidate(["kl=none,k2_as_loss", "kl.coef=0.1,-0.5"], multirun=True)
     assert "kl.coef=-0.5 is not valid" in capsys.readouterr().err
 
 
 def test_good_sweep_passes():
-    cli.register()
     cli.prevalidate(["kl=none,k1_in_reward,k1_as_loss,k2_as_loss,k3_as_loss,k3_both,k2_as_loss_is,k3_as_loss_is",
                      "seed=0,1"], multirun=True)
 

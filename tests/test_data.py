@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from klbench.config import ConfigError, DataConfig, PromptConfig
+from klbench.config import ConfigError, DataConfig, PromptConfig, composer, to_config
 from klbench.data import build_eval_task, build_task, prompts
 from klbench.data.sources import REPO_ROOT, gsm8k_final, last_boxed, load_examples
 from klbench.errors import KlbenchError
-from klbench.evaluate import load_preset
+from klbench.evaluate import load_data_preset as load_preset
 from klbench.models import build_byte_tokenizer
 from klbench.reward import verifier
 
@@ -76,12 +76,21 @@ def test_train_and_eval_tasks(shared_data, tok):
     assert len(build_task(replace(cfg, limit=100), tok, seed=0)) == 100
 
 
-def test_relative_root_resolves_from_repo_root(shared_data, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # ../shared/data does not exist from here
-    monkeypatch.delenv("KLBENCH_DATA", raising=False)
+def test_relative_data_root_resolves_from_repo_root(shared_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the relative path does not exist from here
+    rel = Path("..") / shared_data.parent.name / shared_data.name  # the data folder, relative to the repo
+    assert (REPO_ROOT / rel).resolve() == shared_data.resolve()
+    monkeypatch.setenv("KLBENCH_DATA", str(rel))
     cfg = load_preset("aime24")
-    assert cfg.path == "../shared/data/aime24"
+    assert cfg.path == str(rel / "aime24")
     assert len(load_examples(cfg, "test")) == 30
+
+
+def test_default_data_root_is_the_users_cache(tmp_path, monkeypatch):
+    """Without KLBENCH_DATA the presets look in the user's own cache, not beside the repository."""
+    monkeypatch.delenv("KLBENCH_DATA", raising=False)
+    monkeypatch.setenv("KLBENCH_CACHE", str(tmp_path / "cache"))
+    assert load_preset("gsm8k").path == str(tmp_path / "cache" / "data" / "gsm8k")
 
 
 def test_klbench_data_env_points_presets_elsewhere(shared_data, tmp_path, monkeypatch):
@@ -405,34 +414,14 @@ def test_max_prompt_tokens(tmp_path, tok):
 # -- presets compose ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", ["arithmetic", "gsm8k", "math500", "aime24", "amc23"])
 def test_presets_compose(preset):
-    from hydra import compose, initialize_config_dir
-
-    from klbench.cli import conf_dir, register
-    from klbench.config import to_config
-
-    register()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=[f"data={preset}", "+data.filter.level=5"]))
+    with composer() as compose:
+        cfg = to_config(compose([f"data={preset}", "+data.filter.level=5"]))
     assert cfg.data.name == preset and cfg.data.filter == {"level": 5}
 
 
 def test_generic_presets_need_a_path():
-    from hydra import compose, initialize_config_dir
-
-    from klbench.cli import conf_dir, register
-    from klbench.config import to_config
-
-    register()
     for preset in ("jsonl", "parquet", "hub"):
-        with (
-            initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"),
-            pytest.raises(
-                ConfigError, match=f"data.path=None is not valid; data.source={preset} needs data.path"
-            ),
-        ):
-            to_config(compose("config", overrides=[f"data={preset}"]))
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            assert (
-                to_config(compose("config", overrides=[f"data={preset}", "data.path=x"])).data.source
-                == preset
-            )
+        with composer() as compose:
+            with pytest.raises(ConfigError, match=f"data.path=None is not valid; data.source={preset} needs data.path"):
+                to_config(compose([f"data={preset}"]))
+            assert to_config(compose([f"data={preset}", "data.path=x"])).data.source == preset

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from klbench import cli
+from klbench.paths import conf_dir
 
-RECIPES = sorted(str(p.relative_to(cli.recipes_dir()).with_suffix("")) for p in cli.recipes_dir().rglob("*.yaml"))
+RECIPE_DIR = conf_dir() / "recipe"
+RECIPES = sorted(str(p.relative_to(RECIPE_DIR).with_suffix("")) for p in RECIPE_DIR.rglob("*.yaml"))
 
 #: Shrinks any recipe to one tiny on-CPU step: these keys are what a dry run changes, nothing else.
 DRY = ["hydra.mode=RUN", "trainer.steps=1", "trainer.save_every=0", "trainer.resume=null", "trainer=default",
@@ -24,7 +26,7 @@ def test_recipes_found():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_header(recipe):
-    text = (cli.recipes_dir() / f"{recipe}.yaml").read_text()
+    text = (RECIPE_DIR / f"{recipe}.yaml").read_text()
     header = "\n".join(itertools.takewhile(lambda ln: ln.startswith("#"), text.splitlines()))
     assert text.startswith("# @package _global_")
     for field in ("Reproduces:", "Command:", "Hardware:", "Expected"):
@@ -34,8 +36,22 @@ def test_recipe_header(recipe):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_composes_every_sweep_point(recipe):
-    cli.register()
     assert cli.prevalidate([f"recipe={recipe}"], multirun=False) is True  # recipes carry their sweep
+
+
+def test_user_recipe_from_config_dir(tmp_path, run_cli):
+    """A recipe of the user's own, in `--config-dir DIR` as DIR/recipe/NAME.yaml, composes and validates; a
+    broken one fails in one line naming its file; a broken recipe that is not asked for harms nothing."""
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text("# @package _global_\nkl:\n  coef: 0.7\ntrainer:\n  steps: 3\n")
+    (tmp_path / "recipe" / "broken.yaml").write_text("# @package _global_\nkl: [unclosed\n")
+    proc = run_cli("run", "--config-dir", str(tmp_path), "recipe=mine", "--cfg", "job")
+    assert "coef: 0.7" in proc.stdout and "steps: 3" in proc.stdout
+    cli.prevalidate(["recipe=mine"], multirun=False, config_dir=str(tmp_path))
+    bad = run_cli("run", "--config-dir", str(tmp_path), "recipe=broken", check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    line = bad.stderr.strip().splitlines()[-1]
+    assert line.startswith("klbench: error:") and "broken.yaml" in line, bad.stderr
 
 
 @pytest.mark.slow

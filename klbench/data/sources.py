@@ -3,8 +3,8 @@
 Where the rows come from (`data.source`):
   jsonl | parquet  `data.path` is a file, or a folder holding `<split>.<ext>` (or shards `**/<split>-*.<ext>`).
                    A relative path is looked up against the current directory, then against the
-                   repository root (the folder holding the `klbench` package), so the presets'
-                   `${oc.env:KLBENCH_DATA,../shared/data}/gsm8k` works from anywhere inside a checkout.
+                   repository root (the folder holding the `klbench` package). The benchmark presets'
+                   `${klbench_data:gsm8k}` is `$KLBENCH_DATA/gsm8k`, else `$KLBENCH_CACHE/data/gsm8k`.
                    When it exists in neither place and the preset names `data.hub`, the rows come from
                    that hub dataset instead (through `datasets.load_dataset`, which works offline from
                    its cache); otherwise the error says where it looked and what to set.

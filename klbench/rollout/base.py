@@ -75,6 +75,14 @@ class RolloutEngine(Protocol):
         """Make the engine sample from `model`'s current weights."""
         ...
 
+    def sleep(self) -> None:
+        """Free what the engine holds while the trainer updates (vLLM's sleep mode); a no-op if nothing."""
+        ...
+
+    def wake_up(self) -> None:
+        """Undo `sleep` before the next weight sync and generation."""
+        ...
+
     def close(self) -> None:
         """Free the engine's memory."""
         ...

@@ -49,10 +49,9 @@ def sample_tokens(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 class HFEngine:
     """Samples with an HF causal LM (the trainer's policy, or a lagged copy for stale rollouts)."""
 
-    def __init__(self, model: torch.nn.Module, *, pad_id: int, eos_id: int, drop_finished: bool = True):
+    def __init__(self, model: torch.nn.Module, *, pad_id: int, eos_id: int):
         self.pad_id, self.eos_id = pad_id, eos_id
         self.model = model
-        self.drop_finished = drop_finished  # False only to measure what dropping saves (bench --ablations)
 
     @property
     def device(self) -> torch.device:
@@ -111,7 +110,7 @@ class HFEngine:
             finished = finished | ends
             if t == params.max_new_tokens - 1 or bool(finished.all()):
                 break
-            if self.drop_finished and int(finished.sum()) >= len(rows) / 8:
+            if self.should_drop(finished):
                 keep = (~finished).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 rows, tok, finished = rows[keep], tok[keep], finished[keep]
@@ -137,9 +136,20 @@ class HFEngine:
             group=torch.arange(len(prompts)).repeat_interleave(params.n),
         )
 
+    @staticmethod
+    def should_drop(finished: torch.Tensor) -> bool:
+        """Whether the finished rows `[A]` (bool) leave the decoding batch now: once an eighth has finished."""
+        return int(finished.sum()) >= len(finished) / 8
+
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Sample from `model` from now on (the loop passes the module it keeps current)."""
         self.model = model
+
+    def sleep(self) -> None:
+        """Nothing to free: the engine shares the trainer's module."""
+
+    def wake_up(self) -> None:
+        """Nothing to restore."""
 
     def close(self) -> None:
         self.model = None

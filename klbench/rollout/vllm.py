@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,8 +49,10 @@ class VLLMEngine:
 
     `kv_cache_gib` sizes the KV cache on CPU (default 2 GiB; `VLLM_CPU_KVCACHE_SPACE`, when set, wins);
     on GPU the cache is sized by `gpu_memory_utilization`. `enforce_eager=None` means eager on CPU
-    (5 s start instead of 15-35 s; compiled decodes 5-15% faster) and CUDA graphs on GPU. `enable_sleep_mode`
-    only acts on GPU. Further keyword arguments go to `vllm.LLM` unchanged.
+    (5 s start instead of 15-35 s; compiled decodes 5-15% faster) and CUDA graphs on GPU. With
+    `enable_sleep_mode` (GPU only) `sleep()` frees vLLM's GPU memory while the trainer updates and
+    `wake_up()` restores it. `tensor_parallel_size` > 1 (GPU only) spans several GPUs; weights then
+    reach vLLM's worker processes as CPU tensors. Further keyword arguments go to `vllm.LLM` unchanged.
     """
 
     def __init__(
@@ -70,19 +71,17 @@ class VLLMEngine:
         kv_cache_gib: float | None = None,
         **llm_kwargs: Any,
     ) -> None:
-        if tensor_parallel_size != 1:
-            raise NotImplementedError(
-                f"tensor_parallel_size={tensor_parallel_size}: the colocated vLLM engine syncs weights "
-                "inside this process and supports one device; set rollout.tensor_parallel_size=1"
-            )
         num_threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         vllm = _import_vllm()
         from vllm.platforms import current_platform
 
         self.pad_id, self.eos_id = pad_id, eos_id
         self.on_cpu = current_platform.is_cpu()
-        self.sleep_mode = enable_sleep_mode and not self.on_cpu  # vLLM has no sleep mode on CPU
-        self.last_sync_s = float("nan")  # wall time of the last sync_weights
+        if self.on_cpu and (enable_sleep_mode or tensor_parallel_size != 1):
+            raise ValueError("vLLM on CPU has no sleep mode and runs on one device: "
+                             "enable_sleep_mode=False and tensor_parallel_size=1 there")
+        self.sleep_mode = enable_sleep_mode
+        self.tensor_parallel_size = tensor_parallel_size
         self._asleep = False
         if self.on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             # vLLM's CPU default reserves most of the machine's memory
@@ -160,12 +159,10 @@ class VLLMEngine:
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Copy `model`'s parameters (HF names, e.g. `model.layers.0.mlp.up_proj.weight`) into vLLM."""
         self._check_usable()
-        t0 = time.perf_counter()
         named = list(model.named_parameters())
         if self._expected is not None:
             _check_against_checkpoint(named, self._expected)
-        load_policy_weights(self.llm, named)
-        self.last_sync_s = time.perf_counter() - t0
+        load_policy_weights(self.llm, named, to_host=self.tensor_parallel_size > 1)
 
     def close(self) -> None:
         """Shut vLLM down and free its memory; another engine can be built in this process afterwards."""
@@ -181,9 +178,9 @@ class VLLMEngine:
     # -- sleep mode (GPU) ---------------------------------------------------------------------------
 
     def sleep(self, level: int = 1) -> None:
-        """Free accelerator memory while the trainer runs. Level 1 offloads the weights to host memory
-        and drops the KV cache; level 2 drops the weights too (sync them after `wake_up`). A no-op on
-        CPU, where vLLM has no sleep mode, and for an engine built without `enable_sleep_mode`."""
+        """Free GPU memory while the trainer runs. Level 1 offloads the weights to host memory and drops
+        the KV cache; level 2 drops the weights too (sync them after `wake_up`). A no-op for an engine
+        built without `enable_sleep_mode`."""
         if self.sleep_mode and not self._asleep:
             self.llm.sleep(level=level)
             self._asleep = True
@@ -218,8 +215,9 @@ def _import_vllm() -> Any:
 # -- the version-sensitive glue ---------------------------------------------------------------------
 
 
-def load_policy_weights(llm: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_policy_weights(llm: Any, weights: Iterable[tuple[str, torch.Tensor]], to_host: bool = False) -> None:
     """Load HF-format `(name, tensor)` pairs into a running in-process `vllm.LLM`, cast to its dtype.
+    `to_host`: hand them over as a list of CPU tensors (tensor parallelism: the workers are other processes).
 
     GPU: the model's own `load_weights` on the worker (`collective_rpc`), under the worker's vLLM
     config. Its loaders copy into the existing storage, so CUDA graphs stay valid; unquantized CUDA
@@ -240,6 +238,8 @@ def load_policy_weights(llm: Any, weights: Iterable[tuple[str, torch.Tensor]]) -
 
     dtype = llm.llm_engine.model_config.dtype
     cast: Iterator[tuple[str, torch.Tensor]] = ((n, t.detach().to(dtype)) for n, t in weights)
+    if to_host:
+        cast = [(n, t.cpu()) for n, t in cast]
     try:
         if _on_cpu():
             llm.collective_rpc(

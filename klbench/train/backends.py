@@ -11,26 +11,13 @@ it: both only matter under DeepSpeed ZeRO-3, which shards parameters across rank
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
 from klbench.config import TrainerConfig
+from klbench.train.ds_backend import DeepSpeedBackend
 from klbench.train.runstate import Dist
-
-
-def lr_lambda(cfg: TrainerConfig):
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        if cfg.lr_schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
+from klbench.train.schedule import lr_lambda
 
 
 class TorchBackend:
@@ -90,7 +77,5 @@ def build_backend(cfg: TrainerConfig, model: torch.nn.Module, dist: Dist, micro_
     if cfg.backend == "torch":
         return TorchBackend(cfg, model, dist)
     if cfg.backend == "deepspeed":
-        from klbench.train.ds_backend import DeepSpeedBackend
-
         return DeepSpeedBackend(cfg, model, dist, micro_batch_size=micro_batch_size)
     raise ValueError(f"unknown trainer.backend {cfg.backend!r}; expected torch or deepspeed")

@@ -16,7 +16,7 @@ Deliberate choices:
 - The optimizer is the client's `torch.optim.AdamW` with the torch backend's lr/betas/weight
   decay (DeepSpeed's own "AdamW" would JIT-build a fused op), or `DeepSpeedCPUAdam` (AdamW mode)
   when the optimizer state is offloaded from a GPU.
-- The `LambdaLR` of `klbench.train.backends.lr_lambda` is NOT handed to `deepspeed.initialize`:
+- The `LambdaLR` of `klbench.train.schedule.lr_lambda` is NOT handed to `deepspeed.initialize`:
   the engine steps a scheduler it owns at every optimizer step, while klbench's schedule advances
   once per RL step (`end_of_step`), whatever the number of mini-batches and PPO epochs. It
   schedules the client optimizer's param groups, which the ZeRO optimizers share.
@@ -43,8 +43,8 @@ import torch
 
 from klbench.config import TrainerConfig
 from klbench.errors import KlbenchError
-from klbench.train.backends import lr_lambda
 from klbench.train.runstate import Dist
+from klbench.train.schedule import lr_lambda
 
 #: Tag of the one checkpoint `save(dir)` writes (DeepSpeed keeps it under `dir/TAG/`).
 TAG = "state"

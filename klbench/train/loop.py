@@ -1,4 +1,4 @@
-"""One RL-with-KL experiment: the GRPO-family loop of DESIGN.md, top to bottom.
+"""One RL-with-KL experiment: the GRPO-family loop, top to bottom.
 
 Per step: sample G responses for B prompts (rollout engine) → rewards → reference log-probs
 (frozen π_ref, once per batch) → advantages (group baselines; the KL penalty subtracted when the
@@ -8,19 +8,18 @@ to the rollout engine (lagged by `rollout.staleness` updates).
 
 Deviations from the papers, on purpose:
 - The KL penalty in the reward is not group-normalised: β has the same scale for every placement,
-  so `k1_in_reward` and `k2_as_loss` at one β are comparable (THEORY.md claim 2).
+  so `k1_in_reward` and `k2_as_loss` at one β are comparable (claim 2 of docs/theory.md).
 - Log-probs for the KL terms and entropies are those of the temperature-scaled policy, the one
   that samples; with top-p < 1 the behaviour log-probs are of the truncated distribution.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-import os
 import time
 from collections import deque
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,27 +29,19 @@ from klbench import advantages as adv_lib
 from klbench import kl as kl_lib
 from klbench.config import Config
 from klbench.data import Task, build_task
+from klbench.data.sources import load_examples
 from klbench.errors import KlbenchError
 from klbench.losses import ppo_clip
+from klbench.models import load_causal_lm, load_tokenizer, resolve_model_dir
 from klbench.ops import masked_mean
 from klbench.reward import build_reward
 from klbench.rollout.base import RolloutBatch, SamplingParams
+from klbench.rollout.factory import build_engine, check_engine
 from klbench.train import checkpoint, runstate
+from klbench.train.backends import build_backend
 from klbench.train.logprobs import token_logprobs, trim
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise KlbenchError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
-    return torch.device(name)
-
-
-def set_threads(n: int | None) -> None:
-    torch.set_num_threads(n or os.cpu_count() or 1)
 
 
 def check_finite(step: int, **terms: torch.Tensor) -> None:
@@ -86,28 +77,24 @@ class Rewards:
 
 
 class Trainer:
-    """Holds the experiment's objects; `fit()` runs the steps. Built once from a validated Config."""
+    """Holds the experiment's objects; `fit()` runs the steps. Built once from a validated Config.
 
-    def __init__(self, cfg: Config, run_dir: Path, tracker, dist=None):
-        from klbench.models import load_causal_lm, load_tokenizer, resolve_model_dir
-        from klbench.rollout.factory import build_engine
-        from klbench.train.backends import build_backend
+    `make_evaluator(tokenizer, dist)` builds the periodic held-out evaluation (klbench.evaluate
+    passes it in; None: no evaluation). It is called with the loaded tokenizer and must return an
+    object with `due(step, total_steps)` and `__call__(policy, engine, step) -> metrics`.
+    """
 
+    def __init__(self, cfg: Config, run_dir: Path, tracker, dist=None, make_evaluator=None):
         self.cfg, self.run_dir, self.tracker = cfg, Path(run_dir), tracker
         self.dist = dist or runstate.single_process()
-        set_threads(cfg.trainer.threads)
+        runstate.set_threads(cfg.trainer.threads)
         torch.manual_seed(cfg.seed)
-        self.device = pick_device(cfg.trainer.device)
-        # Bad data (a wrong path, a bad row) must fail before the expensive part: building the
-        # miniature or loading a large model.
+        self.device = runstate.pick_device(cfg.trainer.device)
+        # A missing engine or bad data (a wrong path, a bad row) must fail before the expensive part:
+        # building the miniature or loading a large model.
+        check_engine(cfg.rollout)
         if cfg.data.source != "synthetic":
-            from klbench.data.sources import load_examples
-
             load_examples(cfg.data, cfg.data.split)
-        if cfg.eval.every or cfg.eval.at_end:
-            from klbench.evaluate import check_data
-
-            check_data(cfg)
         self.model_dir = resolve_model_dir(cfg.model, seed=0)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
         self.policy = load_causal_lm(self.model_dir, cfg.model, self.device, trainable=True)
@@ -120,8 +107,6 @@ class Trainer:
         # copied before a backend may shard the policy (DeepSpeed ZeRO-3).
         self.staleness = cfg.rollout.staleness
         if self.staleness:
-            import copy
-
             self.sampler_model = copy.deepcopy(self.policy).eval().requires_grad_(False)
             self.snapshots: deque[dict] = deque([self._snapshot()])
         else:
@@ -131,10 +116,7 @@ class Trainer:
                                      micro_batch_size=algo_mini_batch(cfg, world) // world)
         self.ref = self.backend.prepare_reference(self.ref)  # ZeRO-3 shards π_ref like the policy
         self.engine = build_engine(cfg.rollout, self.sampler_model, self.tokenizer, self.model_dir, cfg.seed)
-        from klbench.evaluate import build_evaluator
-
-        # periodic held-out evaluation (None when eval.every == 0 and not eval.at_end)
-        self.evaluator = build_evaluator(cfg, self.tokenizer, self.run_dir, self.dist)
+        self.evaluator = make_evaluator(self.tokenizer, self.dist) if make_evaluator else None
         self.step = 0
         self.resumed_from = checkpoint.resolve(cfg.trainer.resume, self.run_dir)
         if self.resumed_from is not None:
@@ -183,6 +165,7 @@ class Trainer:
         with self.backend.full_weights():
             batch = self.engine.generate([self.task.encode(ex) for ex in examples],
                                          self.sampling(step, range(first, first + len(examples))))
+        self.engine.sleep()  # vLLM's sleep mode: its GPU memory is the trainer's until the next sync
         batch = trim(batch)
         t_rollout = time.perf_counter() - t0
         mask = batch.response_mask  # [N, R]
@@ -321,6 +304,7 @@ class Trainer:
 
     def after_update(self) -> None:
         """Hand the new weights to the rollout engine (lagged by `rollout.staleness` updates)."""
+        self.engine.wake_up()
         with self.backend.full_weights():
             if self.staleness:
                 self.snapshots.append(self._snapshot())
@@ -379,6 +363,3 @@ def algo_mini_batch(cfg: Config, world: int) -> int:
                            f"use a multiple of {world}")
     return mb
 
-
-def config_dict(cfg: Config) -> dict:
-    return asdict(cfg)

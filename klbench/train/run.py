@@ -10,7 +10,6 @@ The run directory (Hydra's job output dir) ends up holding:
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import os
 import platform
@@ -18,55 +17,30 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+from omegaconf import OmegaConf
+
 from klbench.config import Config
+from klbench.errors import KlbenchError
+from klbench.provenance import git_info, machine_info
+from klbench.records import summarize, write_json
 from klbench.tracking import NullTracker, Tracker
+from klbench.train import checkpoint, runstate
+from klbench.train.loop import Trainer
 
 log = logging.getLogger(__name__)
-
-#: Summary windows average the last this-fraction of steps (per-step KL estimates are noisy).
-WINDOW_FRACTION = 0.2
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic write: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def summarize(metrics_path: Path, fraction: float = WINDOW_FRACTION) -> dict:
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()] if metrics_path.exists() else []
-    train = [r for r in rows if any(k.startswith(("kl/", "reward/")) for k in r)]
-    if not train:
-        return {"steps": 0, "final": {}, "window": {}}
-    n = max(1, round(len(train) * fraction))
-    window = train[-n:]
-    keys = sorted({k for r in window for k in r if k != "step"})
-    avg = {}
-    for k in keys:
-        vals = [r[k] for r in window if isinstance(r.get(k), (int, float))]
-        if vals:
-            avg[k] = sum(vals) / len(vals)
-    evals = {}
-    for r in rows:
-        evals.update({k: v for k, v in r.items() if k.startswith("eval/")})
-    return {"steps": train[-1]["step"], "window_steps": [window[0]["step"], window[-1]["step"]],
-            "final": {k: v for k, v in train[-1].items() if k != "step"}, "window": avg, "eval": evals}
+def run_experiment(cfg: Config, run_dir: Path, *, sweep: str | None = None, tags: list[str] | None = None,
+                   make_evaluator=None) -> dict:
+    """Train one experiment into `run_dir`; return its summary. Raises on failure (after recording it).
 
-
-def run_experiment(cfg: Config, run_dir: Path, *, sweep: str | None = None, tags: list[str] | None = None) -> dict:
-    """Train one experiment into `run_dir`; return its summary. Raises on failure (after recording it)."""
-    import torch
-    from omegaconf import OmegaConf
-
-    from klbench.errors import KlbenchError
-    from klbench.train import checkpoint, runstate
-    from klbench.train.loop import Trainer
-
+    `make_evaluator`: the periodic evaluation's factory (see `Trainer`), or None.
+    """
     dist = runstate.from_env()
     run_dir = Path(run_dir)
     status_path = run_dir / "status.json"
@@ -76,8 +50,6 @@ def run_experiment(cfg: Config, run_dir: Path, *, sweep: str | None = None, tags
         raise KlbenchError(f"{run_dir} already holds a run (metrics.jsonl): continue it with trainer.resume=auto, "
                            "or choose another hydra.run.dir")
     started = time.perf_counter()
-    from klbench.provenance import git_info, machine_info
-
     status = {"status": "running", "started": now(), "pid": os.getpid(), "python": platform.python_version(),
               "torch": torch.__version__, "world_size": dist.world, "git": git_info(), "machine": machine_info()}
     slurm_job = "_".join(os.environ[k] for k in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID") if k in os.environ)
@@ -91,7 +63,7 @@ def run_experiment(cfg: Config, run_dir: Path, *, sweep: str | None = None, tags
     tracker = NullTracker()
     trainer = None
     try:
-        trainer = Trainer(cfg, run_dir, NullTracker(), dist)
+        trainer = Trainer(cfg, run_dir, NullTracker(), dist, make_evaluator=make_evaluator)
         if dist.is_main:
             tracker = Tracker(run_dir, cfg.logger, total_steps=cfg.trainer.steps, config=asdict(cfg),
                               name=f"{cfg.name}-{run_dir.name}", group=sweep, tags=tags, resume_step=trainer.step)

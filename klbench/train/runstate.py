@@ -1,5 +1,5 @@
-"""Process-level state: data-parallel rank/world (from torchrun / deepspeed env vars), metric
-reduction across ranks, and RNG state capture for exact resume."""
+"""Process-level state: the device and threads, data-parallel rank/world (from torchrun / deepspeed env
+vars), metric reduction across ranks, and RNG state capture for exact resume."""
 
 from __future__ import annotations
 
@@ -9,6 +9,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from klbench.errors import KlbenchError
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KlbenchError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+    return torch.device(name)
+
+
+def set_threads(n: int | None) -> None:
+    torch.set_num_threads(n or os.cpu_count() or 1)
 
 
 @dataclass

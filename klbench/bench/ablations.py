@@ -14,9 +14,17 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from klbench.bench.workload import GROUP_SIZE, MAX_NEW_TOKENS, PROMPTS_PER_STEP, TEMPERATURE
+from klbench.config import ModelConfig
+from klbench.data import synthetic
+from klbench.models import load_causal_lm, load_tokenizer
+from klbench.rollout.base import SamplingParams
+from klbench.rollout.hf import HFEngine
+from klbench.train.logprobs import token_logprobs, trim
 
 #: name -> (what the plain alternative does, predicted effect, the reasoning behind the prediction)
 PREDICTED = {
@@ -99,44 +107,50 @@ def measure(pairs: list[Pair], reps: int) -> list[dict]:
     return rows
 
 
-def build_pairs(model_dir: str, *, seed: int = 0) -> list[Pair]:
-    """The ablation pairs on one benchmark-shaped rollout batch of the model in `model_dir`."""
-    from klbench import bench
-    from klbench.config import ModelConfig
-    from klbench.data import synthetic
-    from klbench.models import load_causal_lm, load_tokenizer
-    from klbench.rollout.base import SamplingParams
-    from klbench.rollout.hf import HFEngine
-    from klbench.train import logprobs as lp
+class KeepFinishedEngine(HFEngine):
+    """The HF engine without its one decoding shortcut: finished rows stay in the batch to the end."""
 
+    @staticmethod
+    def should_drop(finished: torch.Tensor) -> bool:
+        return False
+
+
+def build_pairs(model_dir: str, *, seed: int = 0) -> list[Pair]:
+    """The ablation pairs on one benchmark-shaped rollout batch of the model in `model_dir`.
+
+    Each side is klbench's public code: the plain alternatives are other inputs to it (a batch whose
+    rows share no prompt, a model loaded with SDPA attention), a subclass without the optimisation, or
+    the plain transformers / torch call it replaced.
+    """
     dev = torch.device("cpu")
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, ModelConfig(dtype="float32"), dev, trainable=True)
     sdpa_model = load_causal_lm(model_dir, ModelConfig(dtype="float32", attn_implementation="sdpa"), dev,
                                 trainable=True)  # the same weights with transformers' SDPA attention
-    prompts = [tok.encode(ex.question) for ex in synthetic.problems(seed, 1, bench.PROMPTS_PER_STEP)]
-    params = SamplingParams(n=bench.GROUP_SIZE, max_new_tokens=bench.MAX_NEW_TOKENS,
-                            temperature=bench.TEMPERATURE, seed=seed)
+    prompts = [tok.encode(ex.question) for ex in synthetic.problems(seed, 1, PROMPTS_PER_STEP)]
+    params = SamplingParams(n=GROUP_SIZE, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, seed=seed)
     engine = HFEngine(model, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
-    keep_engine = HFEngine(model, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, drop_finished=False)
-    batch = lp.trim(engine.generate(prompts, params))
-    _, inverse = torch.unique(batch.group, return_inverse=True)
+    keep_engine = KeepFinishedEngine(model, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    batch = trim(engine.generate(prompts, params))
+    # the same rows with no prompt shared: token_logprobs then runs cat(prompt, response) for every row
+    unshared = replace(batch, group=torch.arange(batch.num_samples))
     r = batch.response_ids.shape[1]
     ids = batch.input_ids()
     mask = batch.response_mask
 
-    def scored(logits_fn, grad: bool, on=model):
+    def scored(b, grad: bool, on=model):
         def run():
             with torch.set_grad_enabled(grad):
-                logits = logits_fn().float()
-                out = (logits.logsumexp(-1) * mask).sum()
+                logp, _ = token_logprobs(on, b)
                 if grad:
-                    out.backward()
+                    (logp * mask).sum().backward()
                     on.zero_grad(set_to_none=True)
         return run
 
     no_grad_forward = torch.no_grad()(lambda **kw: model(input_ids=ids, use_cache=False, **kw))
-    logits = lp._full_logits(model, batch, dev).detach().float().requires_grad_(True)
+    with torch.no_grad():
+        logits = model(input_ids=ids, logits_to_keep=r + 1).logits[:, :-1]
+    logits = logits.float().requires_grad_(True)  # [N, R, V]: the distributions of the response tokens
     resp = batch.response_ids
 
     def gather_lse():
@@ -162,12 +176,8 @@ def build_pairs(model_dir: str, *, seed: int = 0) -> list[Pair]:
     repeated = [p for p in prompts for _ in range(params.n)]
     one_each = SamplingParams(n=1, max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=seed)
     pairs = [
-        Pair("shared_prompt_forward",
-             scored(lambda: lp._shared_prompt_logits(model, batch, inverse, dev), grad=True),
-             scored(lambda: lp._full_logits(model, batch, dev), grad=True)),
-        Pair("small_attention",
-             scored(lambda: lp._shared_prompt_logits(model, batch, inverse, dev), grad=True),
-             scored(lambda: lp._shared_prompt_logits(sdpa_model, batch, inverse, dev), grad=True, on=sdpa_model)),
+        Pair("shared_prompt_forward", scored(batch, grad=True), scored(unshared, grad=True)),
+        Pair("small_attention", scored(batch, grad=True), scored(batch, grad=True, on=sdpa_model)),
         Pair("drop_finished_rows", lambda: engine.generate(prompts, params),
              lambda: keep_engine.generate(prompts, params)),
         Pair("one_prefill_per_prompt", lambda: engine.generate(prompts, params),

@@ -1,0 +1,183 @@
+"""The TRL side of `klbench bench`: `GRPOTrainer` set up to run exactly klbench's step."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+from klbench.bench.workload import (
+    ADAM_BETAS,
+    BETA,
+    CLIP_EPS,
+    GRAD_CLIP,
+    GROUP_SIZE,
+    LR,
+    MAX_NEW_TOKENS,
+    PROMPTS_PER_STEP,
+    SAMPLES_PER_STEP,
+    TEMPERATURE,
+    WorkerSpec,
+    add_timer,
+    klbench_config,
+    ordered_steps,
+    process_age_s,
+)
+from klbench.data import build_task
+from klbench.data.example import Example
+from klbench.reward import build_reward
+
+
+def trl_settings(*, steps: int, seed: int, output_dir: str, device: str) -> dict[str, Any]:
+    """`GRPOConfig` keyword arguments that make TRL's step the one klbench runs (docs/performance.md)."""
+    return dict(
+        # one generation round of 128 completions and one optimizer step per step
+        per_device_train_batch_size=SAMPLES_PER_STEP,  # TRL counts completions
+        gradient_accumulation_steps=1,
+        num_generations=GROUP_SIZE,
+        num_iterations=1,
+        max_steps=steps,
+        shuffle_dataset=False,  # step s gets klbench's prompts of step s
+        # sampling
+        max_completion_length=MAX_NEW_TOKENS,
+        temperature=TEMPERATURE,
+        top_p=1.0,
+        top_k=0,
+        use_vllm=False,
+        # objective
+        beta=BETA,
+        loss_type="grpo",  # per-sequence token mean (default "dapo")
+        use_bias_correction_kl=False,  # plain k3 (default True multiplies it by the IS ratio)
+        epsilon=CLIP_EPS,
+        scale_rewards="group",
+        mask_truncated_completions=False,
+        disable_dropout=True,
+        # optimizer
+        learning_rate=LR,
+        adam_beta1=ADAM_BETAS[0],
+        adam_beta2=ADAM_BETAS[1],
+        weight_decay=0.0,
+        max_grad_norm=GRAD_CLIP,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        # numerics and memory
+        bf16=False,  # default True
+        fp16=False,
+        gradient_checkpointing=False,  # default True
+        model_init_kwargs={"dtype": "float32"},
+        use_cpu=device == "cpu",
+        # bookkeeping off the hot path
+        seed=seed,
+        output_dir=output_dir,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        log_completions=False,
+        dataloader_num_workers=0,
+    )
+
+
+def run_trl(spec: WorkerSpec) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(spec.threads)
+    cfg = klbench_config(spec)  # the same data and reward settings klbench runs
+    total = spec.warmup + spec.steps
+    tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+    task = build_task(cfg.data, tokenizer, cfg.seed)
+    examples = [ex for s in range(1, total + 1) for ex in task.batch(s, PROMPTS_PER_STEP)]
+    rows = [{"prompt": task.prompt(ex), "answer": ex.answer} for ex in examples]
+    for ex, row in zip(examples, rows):
+        if tokenizer(text=row["prompt"])["input_ids"] != task.encode(ex):
+            raise RuntimeError(f"TRL would tokenise prompt {row['prompt']!r} differently from klbench")
+    score = build_reward(cfg.data)
+    eos = tokenizer.eos_token_id
+    def arithmetic_reward(prompts, completions, completion_ids, answer, **_) -> list[float]:
+        """klbench's reward on the completion as klbench's loop decodes it (EOS stripped, specials kept)."""
+        out = []
+        for ids, ans in zip(completion_ids, answer):
+            finished = bool(ids) and ids[-1] == eos
+            text = tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=False)
+            out.append(score(text, finished, Example(id="", question="", answer=ans)).reward)
+        return out
+
+    record: dict[int, dict] = {}
+    ends: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            s = state.global_step + 1
+            record[s] = {"step": s, "generate_calls": 0, "optimizer_steps": 0, "_t0": time.perf_counter()}
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            record[state.global_step + 1]["optimizer_steps"] += 1
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            rec = record[state.global_step]
+            rec["step_s"] = now - rec.pop("_t0")
+            ends.append(now)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs and state.global_step in record:
+                record[state.global_step].update(reward=logs["reward"], kl=logs.get("kl"))
+
+    with tempfile.TemporaryDirectory(prefix="klbench-bench-trl-") as out_dir:
+        args = GRPOConfig(**trl_settings(steps=total, seed=spec.seed, output_dir=out_dir, device=spec.device))
+        layout = {
+            "generation_batch_size": args.generation_batch_size,
+            "steps_per_generation": args.steps_per_generation,
+            "num_iterations": args.num_iterations,
+        }
+        if layout != {
+            "generation_batch_size": SAMPLES_PER_STEP,
+            "steps_per_generation": 1,
+            "num_iterations": 1,
+        }:
+            raise RuntimeError(
+                f"TRL would not do one generation round + one optimizer step per step: {layout}"
+            )
+        trainer = GRPOTrainer(
+            model=spec.model_dir,
+            reward_funcs=[arithmetic_reward],
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[Timer()],
+        )
+        gen_and_score = trainer._generate_and_score_completions
+
+        def counted_gen_and_score(inputs):
+            rec = record[trainer.state.global_step + 1]
+            rec["generate_calls"] += 1
+            out = gen_and_score(inputs)
+            mask = out["completion_mask"]  # [N, R]
+            rec.update(
+                completions=int(mask.shape[0]),
+                completion_tokens=int(mask.sum().item()),
+                width=int(mask.shape[1]),
+            )
+            return out
+
+        trainer._generate_and_score_completions = counted_gen_and_score
+        add_timer(trainer, "_generate", record, lambda: trainer.state.global_step + 1, "rollout_s")
+        add_timer(trainer, "_calculate_rewards", record, lambda: trainer.state.global_step + 1, "reward_s")
+        add_timer(trainer.ref_model, "forward", record, lambda: trainer.state.global_step + 1, "ref_s")
+        startup_s = process_age_s()
+        trainer.train()
+        optimizer = type(
+            trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+        ).__name__
+        fused = any(g.get("fused") for g in trainer.optimizer.param_groups)
+    steps = ordered_steps(record, ends)
+    return {
+        "steps": steps,
+        "startup_s": startup_s,
+        "torch_threads": torch.get_num_threads(),
+        "optimizer": f"{optimizer}{' (fused)' if fused else ''}",
+        "layout": layout,
+    }

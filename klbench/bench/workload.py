@@ -1,0 +1,235 @@
+"""The benchmarked RL step, shared by every side: its settings, the workloads, worker specs and helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from klbench.config import ModelConfig, composer, to_config
+from klbench.models import build_byte_tokenizer, build_miniature, miniature_dir
+
+PROMPTS_PER_STEP = 16
+
+
+GROUP_SIZE = 8
+
+
+SAMPLES_PER_STEP = PROMPTS_PER_STEP * GROUP_SIZE  # 128 completions
+
+
+MAX_NEW_TOKENS = 14
+
+
+TEMPERATURE = 1.0
+
+
+BETA = 0.2  # KL coefficient
+
+
+CLIP_EPS = 0.2
+
+
+LR = 1e-4
+
+
+ADAM_BETAS = (0.9, 0.99)
+
+
+GRAD_CLIP = 1.0
+
+
+STD_EPS = 1e-4  # TRL's advantage epsilon (klbench's default is 1e-6)
+
+
+TRAIT_BONUS = 0.5
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    hidden_size: int | None = None  # None: the SFT miniature (cached by klbench.models.miniature_dir)
+    num_layers: int = 0
+    num_heads: int = 0
+    intermediate_size: int = 0
+
+    @property
+    def scratch(self) -> bool:
+        return self.hidden_size is not None
+
+
+WORKLOADS = {
+    "1m": Workload("1m"),
+    # intermediate sizes chosen so the parameter counts match the names (25.06M, 99.3M)
+    "25m": Workload("25m", hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1344),
+    "100m": Workload("100m", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2560),
+}
+
+
+def klbench_overrides(model_dir: str, *, steps: int, threads: int, seed: int, device: str) -> list[str]:
+    """The `klbench run` overrides of the benchmarked step (on top of conf/config.yaml)."""
+    return [
+        f"model.name_or_path={model_dir}",
+        "model.dtype=float32",
+        "model.gradient_checkpointing=false",
+        "data=arithmetic",
+        f"data.trait_bonus={TRAIT_BONUS}",
+        "kl=k3_as_loss",
+        f"kl.coef={BETA}",
+        "algo=grpo",
+        f"algo.group_size={GROUP_SIZE}",
+        f"algo.prompts_per_step={PROMPTS_PER_STEP}",
+        "algo.loss_agg=seq_mean_token_mean",
+        f"algo.std_eps={STD_EPS}",
+        f"algo.clip_eps={CLIP_EPS}",
+        "algo.ppo_epochs=1",
+        "algo.mini_batch_size=null",
+        "rollout=hf",
+        f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
+        f"rollout.temperature={TEMPERATURE}",
+        "rollout.top_p=1.0",
+        f"trainer.lr={LR}",
+        f"trainer.adam_beta1={ADAM_BETAS[0]}",
+        f"trainer.adam_beta2={ADAM_BETAS[1]}",
+        "trainer.weight_decay=0.0",
+        f"trainer.grad_clip={GRAD_CLIP}",
+        "trainer.lr_schedule=constant",
+        "trainer.warmup_steps=0",
+        f"trainer.threads={threads}",
+        f"trainer.steps={steps}",
+        f"trainer.device={device}",
+        "trainer.save_every=0",
+        "trainer.samples_per_log=0",
+        "logger=none",
+        "eval.every=0",
+        "eval.at_end=false",
+        f"seed={seed}",
+    ]
+
+
+SIDES = ("klbench", "trl")
+
+
+ENGINE_SIDES = ("vllm-engine", "vllm-bare", "vllm-bare-unseeded")
+
+
+@dataclass
+class WorkerSpec:
+    side: str  # klbench | trl | vllm-engine | vllm-bare | vllm-bare-unseeded
+    workload: str
+    model_dir: str
+    steps: int  # timed steps (generate calls for the engine sides)
+    warmup: int
+    threads: int
+    seed: int = 0
+    device: str = "auto"
+    curves: bool = False  # klbench: also compute TRL's per-token k3 ('kl') each step
+    profile: str | None = None  # klbench: write a torch.profiler table to this path
+    new_tokens: int = MAX_NEW_TOKENS  # engine sides
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (imports and model loading included)."""
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except ImportError:
+        return float("nan")
+
+
+def add_timer(obj, attr: str, record: dict, key_fn, name: str) -> None:
+    """Replace `obj.attr` (a callable) by a wrapper that adds its wall time to `record[key_fn()][name]`."""
+    inner = getattr(obj, attr)
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            rec = record[key_fn()]
+            rec[name] = rec.get(name, 0.0) + time.perf_counter() - t0
+
+    setattr(obj, attr, timed)
+
+
+def klbench_config(spec: WorkerSpec):
+    """The validated `Config` of the benchmarked step, composed from conf/ like `klbench run` does."""
+    overrides = klbench_overrides(
+        spec.model_dir, steps=spec.warmup + spec.steps, threads=spec.threads, seed=spec.seed, device=spec.device
+    )
+    with composer() as compose:
+        return to_config(compose(overrides))
+
+
+def ordered_steps(record: dict[int, dict], ends: list[float]) -> list[dict]:
+    """Per-step records in step order, each with the time since the previous step ended."""
+    steps = [record[s] for s in sorted(record)]
+    for i, rec in enumerate(steps):
+        rec["interval_s"] = ends[i] - ends[i - 1] if i else None
+    return steps
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def model_dir_for(workload: Workload, scratch_root: Path, *, eos_row: bool = False) -> Path:
+    """The HF directory both sides load: the cached SFT miniature, or a fresh random-init model.
+
+    A scratch model's output vocabulary is the 256 bytes + pad, without the tokenizer's EOS id, so no
+    completion can end early (transformers warns that the EOS id lies outside the vocabulary; nothing
+    else notices). `eos_row=True` keeps the EOS row (vLLM refuses a stop token outside the vocabulary,
+    and klbench's vLLM engine always stops on EOS).
+    """
+    if not workload.scratch:
+        return miniature_dir(ModelConfig())
+    target = scratch_root / f"scratch-{workload.name}{'-eos' if eos_row else ''}"
+    if (target / "config.json").exists():
+        return target
+    tokenizer = build_byte_tokenizer()
+    if tokenizer.eos_token_id != tokenizer.pad_token_id + 1 or len(tokenizer) != tokenizer.eos_token_id + 1:
+        raise BenchError("the byte tokenizer's EOS is no longer its last id; update bench.model_dir_for")
+    vocab = len(tokenizer) if eos_row else tokenizer.eos_token_id
+    arch = ModelConfig(
+        hidden_size=workload.hidden_size,
+        num_layers=workload.num_layers,
+        num_heads=workload.num_heads,
+        intermediate_size=workload.intermediate_size,
+    )
+    model = build_miniature(arch, vocab, tokenizer.pad_token_id, tokenizer.eos_token_id, seed=0)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def model_info(model_dir: Path) -> dict:
+    from safetensors import safe_open
+
+    params = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shape = st.get_slice(k).get_shape()
+                params += math.prod(shape)
+    config = json.loads((model_dir / "config.json").read_text())
+    keys = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "vocab_size",
+        "tie_word_embeddings",
+        "eos_token_id",
+    )
+    return {"parameters": params, **{k: config.get(k) for k in keys}}
