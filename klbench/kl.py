@@ -37,6 +37,13 @@ Placements, and what each does to the gradient (on-policy expectation over y ~ �
   the forward KL; per-token ratios (level "token") only correct the last token's distribution
   and stay biased. In-reward terms are corrected by the policy-gradient loss's own ratio, not here.
 
+Two options exist to reproduce what RL frameworks ship (conf/kl/frameworks/, `klbench audit`):
+`value_clamp` bounds the term's value to [−c, c] (verl and SkyRL on k3, OpenRLHF/AReaL/NeMo-RL on
+every estimator: no gradient where it is active), and `grad_estimator` separates the value from
+the gradient: "k1"/"k2"/"k3" give the value of `estimator` with the gradient of another
+(straight-through, verl's "k3+" names, OpenRLHF's `unbiased_gradient`), "none" a term with no
+gradient at all (a KL loss computed under torch.no_grad, as skyrl-train 0.3.1 ships it).
+
 `klbench verify` (klbench.theory) checks every line above by exact enumeration, calling the
 functions of this module.
 """
@@ -56,6 +63,8 @@ PLACEMENTS = ("none", "reward", "loss", "both")
 LEVELS = ("token", "sequence")
 OFF_POLICY = ("none", "sg_ratio", "ratio")
 CONTROLLERS = ("fixed", "adaptive")
+#: Gradient of a KL loss: "same" (its estimator's), another estimator's (straight-through), or "none".
+GRAD_ESTIMATORS = ("same", "k1", "k2", "k3", "none")
 
 #: Default bound on |log-ratio| before it is exponentiated (verl uses the same ±20).
 DEFAULT_LOG_RATIO_CLAMP = 20.0
@@ -69,6 +78,11 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 def _check_clamp(log_ratio_clamp: float | None) -> None:
     if log_ratio_clamp is not None and not log_ratio_clamp > 0:
         raise ValueError(f"log_ratio_clamp must be > 0 or None (no clamp), got {log_ratio_clamp!r}")
+
+
+def _check_value_clamp(value_clamp: float | None) -> None:
+    if value_clamp is not None and not value_clamp > 0:
+        raise ValueError(f"value_clamp must be > 0 or None (no clamp), got {value_clamp!r}")
 
 
 def _clamp(x: torch.Tensor, log_ratio_clamp: float | None) -> torch.Tensor:
@@ -183,6 +197,8 @@ def kl_loss(
     ratio_clip: float | None = None,
     agg: str = "seq_mean_token_mean",
     log_ratio_clamp: float | None = DEFAULT_LOG_RATIO_CLAMP,
+    value_clamp: float | None = None,
+    grad_estimator: str = "same",
 ) -> torch.Tensor:
     """The KL term as a loss: a 0-dim tensor whose gradient flows into `logp` only (β not applied).
 
@@ -213,12 +229,22 @@ def kl_loss(
             ρ = e^{±c} with no gradient through it. k1 and k2 are polynomials and are never
             clamped (a long response can legitimately have |U| > 20). None disables the clamp.
             Log `clamp_fraction` to see how often it is active.
+        value_clamp: bound on the term's value (per token, or per sequence at level "sequence"),
+            applied after the IS weight: values outside [−c, c] become ±c and pass no gradient.
+            None (default): no bound. Frameworks clamp at 10 (conf/kl/frameworks/).
+        grad_estimator: "same" (default): the gradient of the value. "k1" | "k2" | "k3": straight-
+            through, sg(value) + g − sg(g): the value of `estimator` (clamped, *not* IS-weighted: the
+            KL estimate one logs) with the gradient of g, the `off_policy`-weighted `grad_estimator`
+            term without `value_clamp` (verl's "k3+", OpenRLHF's unbiased_gradient). "none": the value
+            with no gradient at all (skyrl-train 0.3.1's KL loss under torch.no_grad).
     """
     _check_choice("estimator", estimator, ESTIMATORS)
     _check_choice("level", level, LEVELS)
     _check_choice("off_policy", off_policy, OFF_POLICY)
     _check_choice("agg", agg, AGGREGATIONS)
+    _check_choice("grad_estimator", grad_estimator, GRAD_ESTIMATORS)
     _check_clamp(log_ratio_clamp)
+    _check_value_clamp(value_clamp)
     if ratio_clip is not None and not ratio_clip > 0:
         raise ValueError(f"ratio_clip must be > 0 or None, got {ratio_clip!r}")
     if ratio_clip is not None and off_policy == "none":
@@ -228,6 +254,7 @@ def kl_loss(
     u = _masked_log_ratio(logp, ref_logp.detach(), mask)  # [B, T]
     x = u if level == "token" else u.sum(-1)  # [B, T] or [B]
     values = _estimate(estimator, x, log_ratio_clamp)  # [B, T] or [B]
+    rho = None
     if off_policy != "none":
         behaviour = logp.detach() if behaviour_logp is None else behaviour_logp.detach()
         rho = _importance_ratio(
@@ -239,7 +266,14 @@ def kl_loss(
             ratio_clip=ratio_clip,
             log_ratio_clamp=log_ratio_clamp,
         )  # same shape as values
-        values = rho * values
+    if grad_estimator in ("same", "none"):
+        values = _clamp(values if rho is None else rho * values, value_clamp)
+        if grad_estimator == "none":
+            values = values.detach()
+    else:  # straight-through: the (clamped) value of `estimator`, the gradient of the weighted grad_estimator
+        surrogate = _estimate(grad_estimator, x, log_ratio_clamp)
+        surrogate = surrogate if rho is None else rho * surrogate
+        values = _clamp(values, value_clamp).detach() + surrogate - surrogate.detach()
     if level == "sequence":
         # One value per sequence, aggregated like the policy-gradient loss: with "seq_mean_token_mean"
         # each sequence's term is divided by its length, the scale a sequence-level penalty in the
@@ -265,6 +299,7 @@ def kl_in_reward(
     reward_to_go: bool = True,
     include_current: bool = True,
     log_ratio_clamp: float | None = DEFAULT_LOG_RATIO_CLAMP,
+    value_clamp: float | None = None,
 ) -> torch.Tensor:
     """The KL term as a detached reward penalty `[B, T]` (β not applied; the caller subtracts β·this).
 
@@ -275,11 +310,13 @@ def kl_in_reward(
     per-token penalties are returned. `include_current=False` (token level, reward-to-go only)
     gives the "future tokens only" coefficient Σ_{t' > t}, which with estimator "k1" completes
     token-level k2 as loss into the exact RKL gradient (THEORY.md). Zero off the mask.
-    `log_ratio_clamp` as in `kl_loss` (k3 only).
+    `log_ratio_clamp` as in `kl_loss` (k3 only); `value_clamp` bounds each penalty (per token, or per
+    sequence at level "sequence") to [−c, c] before it is summed to go.
     """
     _check_choice("estimator", estimator, ESTIMATORS)
     _check_choice("level", level, LEVELS)
     _check_clamp(log_ratio_clamp)
+    _check_value_clamp(value_clamp)
     if not include_current and (level != "token" or not reward_to_go):
         raise ValueError("include_current=False needs level='token' and reward_to_go=True")
 
@@ -287,9 +324,10 @@ def kl_in_reward(
         mask = mask.to(logp.dtype)
         u = _masked_log_ratio(logp, ref_logp, mask)  # [B, T]
         if level == "token":
-            penalty = _estimate(estimator, u, log_ratio_clamp) * mask  # [B, T]
+            penalty = _clamp(_estimate(estimator, u, log_ratio_clamp), value_clamp) * mask  # [B, T]
         else:
-            penalty = _on_last_token(_estimate(estimator, u.sum(-1), log_ratio_clamp), mask)  # [B, T]
+            per_seq = _clamp(_estimate(estimator, u.sum(-1), log_ratio_clamp), value_clamp)  # [B]
+            penalty = _on_last_token(per_seq, mask)  # [B, T]
         if not reward_to_go:
             return penalty
         to_go = reverse_cumsum(penalty, mask)  # [B, T]
@@ -319,9 +357,12 @@ class KLSpec:
     off_policy: str = "none"
     ratio_clip: float | None = None
     log_ratio_clamp: float | None = DEFAULT_LOG_RATIO_CLAMP
+    value_clamp: float | None = None
+    grad_estimator: str = "same"
 
     def __post_init__(self) -> None:
         _check_choice("kl.estimator", self.estimator, ESTIMATORS)
+        _check_choice("kl.grad_estimator", self.grad_estimator, GRAD_ESTIMATORS)
         _check_choice("kl.placement", self.placement, PLACEMENTS)
         _check_choice("kl.level", self.level, LEVELS)
         _check_choice("kl.off_policy", self.off_policy, OFF_POLICY)
@@ -335,6 +376,13 @@ class KLSpec:
             raise ValueError(f"kl.ratio_clip must be > 0 or null, got {self.ratio_clip!r}")
         if self.log_ratio_clamp is not None and not self.log_ratio_clamp > 0:
             raise ValueError(f"kl.log_ratio_clamp must be > 0 or null, got {self.log_ratio_clamp!r}")
+        if self.value_clamp is not None and not self.value_clamp > 0:
+            raise ValueError(f"kl.value_clamp must be > 0 or null, got {self.value_clamp!r}")
+        if self.grad_estimator != "same" and not self.as_loss:
+            raise ValueError(
+                f"kl.grad_estimator={self.grad_estimator} sets the gradient of the KL loss, but "
+                f"kl.placement={self.placement}; set kl.placement to loss or both, or kl.grad_estimator=same"
+            )
         if self.off_policy != "none" and not self.as_loss:
             raise ValueError(
                 f"kl.off_policy={self.off_policy} corrects the KL loss only, but kl.placement={self.placement}; "
@@ -347,7 +395,11 @@ class KLSpec:
 
     @classmethod
     def from_config(cls, obj: Any) -> KLSpec:
-        """Read the eight fields by attribute from any object (e.g. the `kl` config node); other attributes are ignored."""
+        """Read the fields by attribute from any object (e.g. the `kl` config node); other attributes are ignored.
+
+        The eight original fields are required; `value_clamp` and `grad_estimator` keep their defaults
+        when the object lacks them (configs written before they existed).
+        """
         names = (
             "coef",
             "estimator",
@@ -361,7 +413,8 @@ class KLSpec:
         missing = [n for n in names if not hasattr(obj, n)]
         if missing:
             raise ValueError(f"KL config lacks field(s) {', '.join(missing)}; expected {', '.join(names)}")
-        return cls(**{n: getattr(obj, n) for n in names})
+        optional = {n: getattr(obj, n) for n in ("value_clamp", "grad_estimator") if hasattr(obj, n)}
+        return cls(**{n: getattr(obj, n) for n in names}, **optional)
 
     @property
     def in_reward(self) -> bool:
@@ -387,6 +440,7 @@ class KLSpec:
             level=self.level,
             reward_to_go=self.reward_to_go,
             log_ratio_clamp=self.log_ratio_clamp,
+            value_clamp=self.value_clamp,
         )
 
     def loss(
@@ -412,6 +466,8 @@ class KLSpec:
             ratio_clip=self.ratio_clip,
             agg=agg,
             log_ratio_clamp=self.log_ratio_clamp,
+            value_clamp=self.value_clamp,
+            grad_estimator=self.grad_estimator,
         )
 
 
