@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from klbench.config import Advantage
+
 
 def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:  # [B, G]
     if rewards.numel() % group_size:
@@ -44,14 +46,11 @@ def reinforce_pp(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> t
     return (a - a.mean()) / (a.std() + eps) if a.numel() > 1 else a
 
 
-ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {
-    "grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo, "reinforce_pp": reinforce_pp,
+ADVANTAGES: dict[Advantage, Callable[..., torch.Tensor]] = {
+    Advantage.grpo: grpo, Advantage.dr_grpo: dr_grpo, Advantage.rloo: rloo, Advantage.reinforce_pp: reinforce_pp,
 }
 
 
 def compute(name: str, rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    try:
-        fn = ADVANTAGES[name]
-    except KeyError:
-        raise ValueError(f"unknown advantage {name!r}; expected one of {', '.join(ADVANTAGES)}") from None
-    return fn(rewards, group_size, eps)
+    """Advantages `[N]` of the estimator `name` (an unknown name raises, listing the valid ones)."""
+    return ADVANTAGES[Advantage(name)](rewards, group_size, eps)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -118,6 +119,9 @@ def one_line(exc: BaseException) -> str:
             msg = str(e).strip().splitlines()[0]
             if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
                 return f"unknown config key '{e.full_key}'{_section_keys(e.full_key)}"
+            choices = re.fullmatch(r"Invalid value '.*', expected one of \[(.*)\]", msg)
+            if choices:  # a value outside a Choice enum of klbench.config
+                return f"{e.full_key}={e.value!r} is not valid; allowed: {choices.group(1)}"
             return f"{e.full_key}: {msg}"
     text = str(exc).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]

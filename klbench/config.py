@@ -9,38 +9,56 @@ that names the key and what is allowed. Defaults live here, nowhere else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from typing import Any
 
 from klbench.errors import KlbenchError
 
-# Allowed values of the string-valued choices (validated in __post_init__).
-ESTIMATORS = ("k1", "k2", "k3")
-PLACEMENTS = ("none", "reward", "loss", "both")
-LEVELS = ("token", "sequence")
-OFF_POLICY = ("none", "sg_ratio", "ratio")
-GRAD_ESTIMATORS = ("same", "k1", "k2", "k3", "none")
-CONTROLLERS = ("fixed", "adaptive")
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
-LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum")
-ENGINES = ("hf", "vllm")
-BACKENDS = ("torch", "deepspeed")
-SCHEDULES = ("constant", "linear", "cosine")
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-SOURCES = ("synthetic", "jsonl", "parquet", "hub")
-ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
-BAD_ROW = ("error", "skip")
-TEMPLATES = ("raw", "plain", "chat")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+class Choice(str, Enum):
+    """A string-valued config choice: equal to, and printed as, its value. The allowed values of
+    every choice are these classes' members; nothing else lists them."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def values(cls) -> list[str]:
+        return [m.value for m in cls]
+
+    @classmethod
+    def _missing_(cls, value: object):
+        raise ValueError(f"unknown {cls.__name__} {value!r}; expected one of {', '.join(cls.values())}")
+
+
+def _choices(name: str, values: str) -> type[Choice]:
+    return Choice(name, [(v, v) for v in values.split()])
+
+
+Estimator = _choices("Estimator", "k1 k2 k3")
+Placement = _choices("Placement", "none reward loss both")
+Level = _choices("Level", "token sequence")
+OffPolicy = _choices("OffPolicy", "none sg_ratio ratio")
+GradEstimator = _choices("GradEstimator", "same k1 k2 k3 none")
+Controller = _choices("Controller", "fixed adaptive")
+Advantage = _choices("Advantage", "grpo dr_grpo rloo reinforce_pp")
+LossAgg = _choices("LossAgg", "seq_mean_token_mean token_mean seq_mean_token_sum")
+Engine = _choices("Engine", "hf vllm")
+Backend = _choices("Backend", "torch deepspeed")
+Schedule = _choices("Schedule", "constant linear cosine")
+Dtype = _choices("Dtype", "float32 bfloat16 float16 auto")
+Device = _choices("Device", "auto cpu cuda")
+Source = _choices("Source", "synthetic jsonl parquet hub")
+AnswerFormat = _choices("AnswerFormat", "plain gsm8k boxed")
+OnBadRow = _choices("OnBadRow", "error skip")
+Template = _choices("Template", "raw plain chat")
+WandbMode = _choices("WandbMode", "auto online offline disabled")
 
 
 class ConfigError(KlbenchError, ValueError):
     """A user-fixable configuration mistake; its message is one line naming the key."""
-
-
-def _choice(section: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{section}.{name}={value!r} is not valid; allowed: {', '.join(allowed)}")
 
 
 def _check(ok: bool, section: str, name: str, value: Any, requirement: str) -> None:
@@ -56,29 +74,29 @@ def _is_import_spec(value: str) -> bool:
 
 @dataclass
 class KLConfig:
-    """The whole KL term (see THEORY.md and klbench.kl)."""
+    """The whole KL term (docs/theory.md; klbench.kl holds the functions). Validated here, once."""
 
     coef: float = 0.2  # beta
-    estimator: str = "k2"  # k1 | k2 | k3
-    placement: str = "loss"  # none | reward | loss | both
-    level: str = "token"  # token | sequence
+    estimator: Estimator = Estimator.k2
+    placement: Placement = Placement.loss
+    level: Level = Level.token
     reward_to_go: bool = True  # in-reward at token level: sum future penalties into returns
-    off_policy: str = "none"  # none | sg_ratio | ratio: IS weight on the loss term
+    off_policy: OffPolicy = OffPolicy.none  # IS weight on the loss term
     ratio_clip: float | None = None  # truncate the IS ratio at this value
     log_ratio_clamp: float | None = 20.0  # clamp |log pi - log pi_ref| before exp() in k3
     value_clamp: float | None = None  # clamp the KL term's value to [-c, c] (frameworks: 10); null = none
-    grad_estimator: str = "same"  # gradient of the KL loss: same | k1 | k2 | k3 (straight-through) | none
-    controller: str = "fixed"  # fixed | adaptive
+    grad_estimator: GradEstimator = GradEstimator.same  # loss gradient: k1/k2/k3 straight-through, none
+    controller: Controller = Controller.fixed
     target: float = 1.0  # adaptive: target kl/rkl_k1 (nats per sequence)
     horizon: int = 10000  # adaptive: samples over which the error is corrected
 
     def __post_init__(self) -> None:
         _check(self.coef >= 0, "kl", "coef", self.coef, "must be >= 0")
-        _choice("kl", "estimator", self.estimator, ESTIMATORS)
-        _choice("kl", "placement", self.placement, PLACEMENTS)
-        _choice("kl", "level", self.level, LEVELS)
-        _choice("kl", "off_policy", self.off_policy, OFF_POLICY)
-        _choice("kl", "controller", self.controller, CONTROLLERS)
+        if self.off_policy != "none":
+            _check(
+                self.placement in ("loss", "both"), "kl", "off_policy", self.off_policy,
+                "an IS weight applies to a KL *loss*: set kl.placement=loss or both",
+            )
         if self.ratio_clip is not None:
             _check(self.ratio_clip > 0, "kl", "ratio_clip", self.ratio_clip, "must be > 0 or null")
             _check(self.off_policy != "none", "kl", "ratio_clip", self.ratio_clip,
@@ -87,17 +105,11 @@ class KLConfig:
             _check(self.log_ratio_clamp > 0, "kl", "log_ratio_clamp", self.log_ratio_clamp, "must be > 0 or null")
         if self.value_clamp is not None:
             _check(self.value_clamp > 0, "kl", "value_clamp", self.value_clamp, "must be > 0 or null")
-        _choice("kl", "grad_estimator", self.grad_estimator, GRAD_ESTIMATORS)
         if self.grad_estimator != "same":
             _check(self.placement in ("loss", "both"), "kl", "grad_estimator", self.grad_estimator,
                    "sets the gradient of a KL *loss*: set kl.placement=loss or both, or grad_estimator=same")
         _check(self.target > 0, "kl", "target", self.target, "must be > 0")
         _check(self.horizon >= 1, "kl", "horizon", self.horizon, "must be >= 1")
-        if self.off_policy != "none":
-            _check(
-                self.placement in ("loss", "both"), "kl", "off_policy", self.off_policy,
-                "an IS weight applies to a KL *loss*: set kl.placement=loss or both",
-            )
 
 
 @dataclass
@@ -122,7 +134,7 @@ class SFTConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str | None = None  # local dir or hub id; null = the embedded miniature
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    dtype: Dtype = Dtype.float32
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     # auto: klbench's (matmul attention for short sequences on CPU, SDPA otherwise: klbench/attention.py);
@@ -136,7 +148,6 @@ class ModelConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
 
     def __post_init__(self) -> None:
-        _choice("model", "dtype", self.dtype, DTYPES)
         _check(bool(self.attn_implementation), "model", "attn_implementation", self.attn_implementation,
                "must be auto or a transformers attention implementation (sdpa, eager, ...)")
         _check(self.hidden_size % self.num_heads == 0, "model", "hidden_size", self.hidden_size,
@@ -145,28 +156,26 @@ class ModelConfig:
 
 @dataclass
 class PromptConfig:
-    template: str = "plain"  # raw: the question as is | plain: question + instruction | chat: tokenizer chat template
+    template: Template = Template.plain  # raw: the question as is | plain: + instruction | chat: chat template
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
     system: str | None = None
 
-    def __post_init__(self) -> None:
-        _choice("data.prompt", "template", self.template, TEMPLATES)
 
 
 @dataclass
 class DataConfig:
     name: str = "arithmetic"  # label in metrics (eval/<name>/...)
-    source: str = "synthetic"  # synthetic | jsonl | parquet | hub
+    source: Source = Source.synthetic
     path: str | None = None  # file or directory (jsonl/parquet), or hub id; relative: to the CWD, else the repo
     split: str = "train"
     eval_split: str | None = None  # held-out split that evaluation uses (klbench eval, eval.datasets, eval.every)
     question_key: str = "question"
     answer_key: str = "answer"
-    answer_format: str = "plain"  # plain | gsm8k ('#### n') | boxed (last \boxed{} of answer_key)
+    answer_format: AnswerFormat = AnswerFormat.plain  # gsm8k: '#### n'; boxed: last \boxed{} of answer_key
     id_key: str | None = None
     shuffle: bool = True
     limit: int | None = None  # train on the first N rows (after shuffling); evaluation uses eval.limit
-    on_bad_row: str = "error"  # error | skip
+    on_bad_row: OnBadRow = OnBadRow.error
     reward: str = "auto"  # auto | math | arithmetic | 'module:function'
     reward_timeout_s: float = 5.0
     format_reward: float = 0.0  # added when the answer is inside \boxed{}
@@ -181,9 +190,6 @@ class DataConfig:
     score_truncated: bool = True  # math reward: score a completion cut at max_new_tokens on its text
 
     def __post_init__(self) -> None:
-        _choice("data", "source", self.source, SOURCES)
-        _choice("data", "answer_format", self.answer_format, ANSWER_FORMATS)
-        _choice("data", "on_bad_row", self.on_bad_row, BAD_ROW)
         if self.source != "synthetic":
             _check(bool(self.path), "data", "path", self.path, f"data.source={self.source} needs data.path")
         if self.limit is not None:
@@ -201,19 +207,17 @@ class DataConfig:
 
 @dataclass
 class AlgoConfig:
-    advantage: str = "grpo"  # grpo | dr_grpo (no std) | rloo | reinforce_pp
+    advantage: Advantage = Advantage.grpo  # dr_grpo: no std normalisation
     group_size: int = 8  # G samples per prompt
     prompts_per_step: int = 16  # B prompts per step
     ppo_epochs: int = 1
     mini_batch_size: int | None = None  # samples per optimizer step; null = all B*G
     clip_eps: float = 0.2
     clip_eps_high: float | None = None  # asymmetric clip (DAPO); null = clip_eps
-    loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean | token_mean | seq_mean_token_sum
+    loss_agg: LossAgg = LossAgg.seq_mean_token_mean
     std_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        _choice("algo", "advantage", self.advantage, ADVANTAGES)
-        _choice("algo", "loss_agg", self.loss_agg, LOSS_AGGS)
         if self.advantage in ("grpo", "dr_grpo", "rloo"):
             _check(self.group_size >= 2, "algo", "group_size", self.group_size,
                    f"must be >= 2 for algo.advantage={self.advantage} (group baselines need 2+ samples)")
@@ -230,7 +234,7 @@ class AlgoConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf | vllm
+    engine: Engine = Engine.hf
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 14
@@ -245,7 +249,6 @@ class RolloutConfig:
     enforce_eager: bool | None = None  # null: eager on CPU (fast start), CUDA graphs on GPU
 
     def __post_init__(self) -> None:
-        _choice("rollout", "engine", self.engine, ENGINES)
         _check(self.temperature > 0, "rollout", "temperature", self.temperature, "must be > 0")
         _check(0 < self.top_p <= 1, "rollout", "top_p", self.top_p, "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "rollout", "max_new_tokens", self.max_new_tokens, "must be >= 1")
@@ -275,17 +278,17 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrainerConfig:
-    backend: str = "torch"  # torch | deepspeed
+    backend: Backend = Backend.torch
     steps: int = 200
     lr: float = 1e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    lr_schedule: str = "constant"  # constant | linear | cosine
+    lr_schedule: Schedule = Schedule.constant
     warmup_steps: int = 0
     threads: int | None = None  # torch CPU threads; null = all cores
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto
     log_every: int = 1
     samples_per_log: int = 4  # sampled generations written to samples.jsonl per logged step
     save_every: int = 0  # checkpoint every N steps (0: only the final policy)
@@ -294,15 +297,12 @@ class TrainerConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
-        _choice("trainer", "backend", self.backend, BACKENDS)
-        _choice("trainer", "lr_schedule", self.lr_schedule, SCHEDULES)
         _check(self.steps >= 1, "trainer", "steps", self.steps, "must be >= 1")
         _check(self.lr > 0, "trainer", "lr", self.lr, "must be > 0")
         _check(self.grad_clip >= 0, "trainer", "grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
         _check(self.log_every >= 1, "trainer", "log_every", self.log_every, "must be >= 1")
         _check(self.save_every >= 0, "trainer", "save_every", self.save_every, "must be >= 0")
         _check(self.keep_last >= 1, "trainer", "keep_last", self.keep_last, "must be >= 1")
-        _check(self.device in ("auto", "cpu", "cuda"), "trainer", "device", self.device, "allowed: auto, cpu, cuda")
         if self.threads is not None:
             _check(self.threads >= 1, "trainer", "threads", self.threads, "must be >= 1 or null")
 
@@ -310,15 +310,13 @@ class TrainerConfig:
 @dataclass
 class LoggerConfig:
     wandb: bool = True
-    mode: str = "auto"  # auto: online if logged in (or WANDB_MODE says so), else offline
+    mode: WandbMode = WandbMode.auto  # auto: online if logged in (or WANDB_MODE says so), else offline
     project: str = "klbench"
     entity: str | None = None
     group: str | None = None  # default: the sweep name in a multirun
     tags: list[str] = field(default_factory=list)
     progress: bool = True  # the console progress bar
 
-    def __post_init__(self) -> None:
-        _choice("logger", "mode", self.mode, WANDB_MODES)
 
 
 @dataclass
@@ -361,6 +359,19 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     name: str = "klbench"  # experiment name (W&B run name prefix, sweep group)
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "")
+
+
+def _check_finite(node: Any, prefix: str) -> None:
+    """Every float-valued setting must be a finite number (inf and nan pass `>=` checks unnoticed)."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name}={value!r} is not valid; must be a finite number")
 
 
 def register_configs() -> None:

@@ -1,7 +1,7 @@
 """The KL term of RL fine-tuning: estimators, placements, off-policy correction, controllers.
 
-Pure functions over tensors and masks (docs/THEORY.md is the spec). Importing this module
-loads torch and klbench.ops only, so any trainer can use it.
+Pure functions over tensors and masks (docs/theory.md states what each must do). Importing this
+module loads torch, klbench.ops and klbench.config (dataclasses only), so any trainer can use it.
 
 Notation, per sampled response token t (`mask` 1 on response tokens):
     u_t = log π_θ(y_t|·) − log π_ref(y_t|·)        per-token log-ratio          # [B, T]
@@ -50,39 +50,16 @@ functions of this module.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
-from klbench.ops import AGGREGATIONS, aggregate, masked_mean, reverse_cumsum
-
-ESTIMATORS = ("k1", "k2", "k3")
-PLACEMENTS = ("none", "reward", "loss", "both")
-LEVELS = ("token", "sequence")
-OFF_POLICY = ("none", "sg_ratio", "ratio")
-CONTROLLERS = ("fixed", "adaptive")
-#: Gradient of a KL loss: "same" (its estimator's), another estimator's (straight-through), or "none".
-GRAD_ESTIMATORS = ("same", "k1", "k2", "k3", "none")
+from klbench.config import Controller, Estimator, GradEstimator, Level, OffPolicy, Placement
+from klbench.ops import aggregate, masked_mean, reverse_cumsum
 
 #: Default bound on |log-ratio| before it is exponentiated (verl uses the same ±20).
 DEFAULT_LOG_RATIO_CLAMP = 20.0
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
-
-
-def _check_clamp(log_ratio_clamp: float | None) -> None:
-    if log_ratio_clamp is not None and not log_ratio_clamp > 0:
-        raise ValueError(f"log_ratio_clamp must be > 0 or None (no clamp), got {log_ratio_clamp!r}")
-
-
-def _check_value_clamp(value_clamp: float | None) -> None:
-    if value_clamp is not None and not value_clamp > 0:
-        raise ValueError(f"value_clamp must be > 0 or None (no clamp), got {value_clamp!r}")
 
 
 def _clamp(x: torch.Tensor, log_ratio_clamp: float | None) -> torch.Tensor:
@@ -92,14 +69,13 @@ def _clamp(x: torch.Tensor, log_ratio_clamp: float | None) -> torch.Tensor:
 
 def _estimate(kind: str, x: torch.Tensor, log_ratio_clamp: float | None) -> torch.Tensor:
     """Estimator `kind` of a log-ratio `x` (any shape). Only k3 exponentiates, so only k3 is clamped."""
-    if kind == "k1":
+    kind = Estimator(kind)
+    if kind == Estimator.k1:
         return x
-    if kind == "k2":
+    if kind == Estimator.k2:
         return 0.5 * x * x
-    if kind == "k3":
-        x = _clamp(x, log_ratio_clamp)
-        return torch.expm1(-x) + x  # exp(−x) − 1 + x, accurate near x = 0
-    raise ValueError(f"unknown estimator {kind!r}; expected one of {', '.join(ESTIMATORS)}")
+    x = _clamp(x, log_ratio_clamp)
+    return torch.expm1(-x) + x  # exp(−x) − 1 + x, accurate near x = 0
 
 
 def _masked_log_ratio(logp: torch.Tensor, other_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -119,7 +95,6 @@ def estimate(
     No masking and, by default, no clamp: this is the raw formula (k3 overflows for u < −88
     in float32). `log_ratio_clamp` applies the same clamp as `kl_loss` (k3 only).
     """
-    _check_clamp(log_ratio_clamp)
     return _estimate(kind, logp - ref_logp, log_ratio_clamp)
 
 
@@ -128,13 +103,12 @@ def equivalent_coefficient(estimator: str, u: torch.Tensor) -> torch.Tensor:
 
     k1 → 1, k2 → u, k3 → 1 − exp(−u). Same shape as `u`.
     """
-    if estimator == "k1":
+    estimator = Estimator(estimator)
+    if estimator == Estimator.k1:
         return torch.ones_like(u)
-    if estimator == "k2":
+    if estimator == Estimator.k2:
         return u
-    if estimator == "k3":
-        return -torch.expm1(-u)
-    raise ValueError(f"unknown estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
+    return -torch.expm1(-u)
 
 
 def clamp_fraction(
@@ -150,13 +124,11 @@ def clamp_fraction(
 
     A 0-dim tensor (no host sync); zero when `log_ratio_clamp` is None. Log it as `kl/clamp_rate`.
     """
-    _check_choice("level", level, LEVELS)
-    _check_clamp(log_ratio_clamp)
     mask = mask.to(logp.dtype)
     u = _masked_log_ratio(logp.detach(), ref_logp.detach(), mask)  # [B, T]
     if log_ratio_clamp is None:
         return logp.new_zeros(())
-    if level == "token":
+    if Level(level) == Level.token:
         return masked_mean((u.abs() > log_ratio_clamp).to(logp.dtype), mask)
     has_tokens = (mask.sum(-1) > 0).to(logp.dtype)  # [B]
     clamped = (u.sum(-1).abs() > log_ratio_clamp).to(logp.dtype)  # [B]
@@ -175,10 +147,10 @@ def _importance_ratio(
 ) -> torch.Tensor:
     """ρ = π_θ/μ per token `[B, T]` or per sequence `[B]`, detached for "sg_ratio", truncated at `ratio_clip`."""
     log_rho = _masked_log_ratio(logp, behaviour_logp, mask)  # [B, T]
-    if level == "sequence":
+    if level == Level.sequence:
         log_rho = log_rho.sum(-1)  # [B]
     rho = torch.exp(_clamp(log_rho, log_ratio_clamp))
-    if off_policy == "sg_ratio":
+    if off_policy == OffPolicy.sg_ratio:
         rho = rho.detach()
     if ratio_clip is not None:
         rho = rho.clamp(max=ratio_clip)  # truncated IS: min(ρ, c); no gradient where clipped
@@ -237,25 +209,16 @@ def kl_loss(
             KL estimate one logs) with the gradient of g, the `off_policy`-weighted `grad_estimator`
             term without `value_clamp` (verl's "k3+", OpenRLHF's unbiased_gradient). "none": the value
             with no gradient at all (skyrl-train 0.3.1's KL loss under torch.no_grad).
-    """
-    _check_choice("estimator", estimator, ESTIMATORS)
-    _check_choice("level", level, LEVELS)
-    _check_choice("off_policy", off_policy, OFF_POLICY)
-    _check_choice("agg", agg, AGGREGATIONS)
-    _check_choice("grad_estimator", grad_estimator, GRAD_ESTIMATORS)
-    _check_clamp(log_ratio_clamp)
-    _check_value_clamp(value_clamp)
-    if ratio_clip is not None and not ratio_clip > 0:
-        raise ValueError(f"ratio_clip must be > 0 or None, got {ratio_clip!r}")
-    if ratio_clip is not None and off_policy == "none":
-        raise ValueError("ratio_clip has no effect with off_policy='none'; set off_policy or ratio_clip=None")
 
+    Allowed values are validated once, by `klbench.config.KLConfig`; an unknown name raises here.
+    """
+    level, off_policy, grad_estimator = Level(level), OffPolicy(off_policy), GradEstimator(grad_estimator)
     mask = mask.to(logp.dtype)
     u = _masked_log_ratio(logp, ref_logp.detach(), mask)  # [B, T]
-    x = u if level == "token" else u.sum(-1)  # [B, T] or [B]
+    x = u if level == Level.token else u.sum(-1)  # [B, T] or [B]
     values = _estimate(estimator, x, log_ratio_clamp)  # [B, T] or [B]
     rho = None
-    if off_policy != "none":
+    if off_policy != OffPolicy.none:
         behaviour = logp.detach() if behaviour_logp is None else behaviour_logp.detach()
         rho = _importance_ratio(
             logp,
@@ -266,15 +229,15 @@ def kl_loss(
             ratio_clip=ratio_clip,
             log_ratio_clamp=log_ratio_clamp,
         )  # same shape as values
-    if grad_estimator in ("same", "none"):
+    if grad_estimator in (GradEstimator.same, GradEstimator.none):
         values = _clamp(values if rho is None else rho * values, value_clamp)
-        if grad_estimator == "none":
+        if grad_estimator == GradEstimator.none:
             values = values.detach()
     else:  # straight-through: the (clamped) value of `estimator`, the gradient of the weighted grad_estimator
-        surrogate = _estimate(grad_estimator, x, log_ratio_clamp)
+        surrogate = _estimate(grad_estimator.value, x, log_ratio_clamp)
         surrogate = surrogate if rho is None else rho * surrogate
         values = _clamp(values, value_clamp).detach() + surrogate - surrogate.detach()
-    if level == "sequence":
+    if level == Level.sequence:
         # One value per sequence, aggregated like the policy-gradient loss: with "seq_mean_token_mean"
         # each sequence's term is divided by its length, the scale a sequence-level penalty in the
         # reward gets from that loss, so k2 as loss and k1 in reward stay equal at one β.
@@ -309,21 +272,18 @@ def kl_in_reward(
     token): multiply by β and subtract from per-token returns/advantages. Without it the raw
     per-token penalties are returned. `include_current=False` (token level, reward-to-go only)
     gives the "future tokens only" coefficient Σ_{t' > t}, which with estimator "k1" completes
-    token-level k2 as loss into the exact RKL gradient (THEORY.md). Zero off the mask.
+    token-level k2 as loss into the exact RKL gradient (docs/theory.md). Zero off the mask.
     `log_ratio_clamp` as in `kl_loss` (k3 only); `value_clamp` bounds each penalty (per token, or per
     sequence at level "sequence") to [−c, c] before it is summed to go.
     """
-    _check_choice("estimator", estimator, ESTIMATORS)
-    _check_choice("level", level, LEVELS)
-    _check_clamp(log_ratio_clamp)
-    _check_value_clamp(value_clamp)
-    if not include_current and (level != "token" or not reward_to_go):
+    level = Level(level)
+    if not include_current and (level != Level.token or not reward_to_go):
         raise ValueError("include_current=False needs level='token' and reward_to_go=True")
 
     with torch.no_grad():
         mask = mask.to(logp.dtype)
         u = _masked_log_ratio(logp, ref_logp, mask)  # [B, T]
-        if level == "token":
+        if level == Level.token:
             penalty = _clamp(_estimate(estimator, u, log_ratio_clamp), value_clamp) * mask  # [B, T]
         else:
             per_seq = _clamp(_estimate(estimator, u.sum(-1), log_ratio_clamp), value_clamp)  # [B]
@@ -336,7 +296,7 @@ def kl_in_reward(
 
 @dataclass(frozen=True)
 class KLSpec:
-    """Everything about the KL term, validated once; the training loop calls its two helpers.
+    """Everything about the KL term; the training loop calls its two helpers.
 
     β is *not* applied inside `reward_penalty` or `loss`: the loop multiplies by the current
     coefficient, which an adaptive controller may change (`build_controller(..., coef=spec.coef)`):
@@ -346,75 +306,25 @@ class KLSpec:
 
     placement "both" uses the same estimator in reward and loss (k3 in both is the exact one;
     pass agg="seq_mean_token_sum" at token level). coef may be 0 with a placement (the term is
-    computed, e.g. for logging, but does not regularise).
+    computed, e.g. for logging, but does not regularise). Build it from a validated
+    `klbench.config.KLConfig` with `from_config`; its fields are a subset of that config's.
     """
 
     coef: float = 0.0
-    estimator: str = "k1"
-    placement: str = "none"
-    level: str = "token"
+    estimator: Estimator = Estimator.k1
+    placement: Placement = Placement.none
+    level: Level = Level.token
     reward_to_go: bool = True
-    off_policy: str = "none"
+    off_policy: OffPolicy = OffPolicy.none
     ratio_clip: float | None = None
     log_ratio_clamp: float | None = DEFAULT_LOG_RATIO_CLAMP
     value_clamp: float | None = None
-    grad_estimator: str = "same"
-
-    def __post_init__(self) -> None:
-        _check_choice("kl.estimator", self.estimator, ESTIMATORS)
-        _check_choice("kl.grad_estimator", self.grad_estimator, GRAD_ESTIMATORS)
-        _check_choice("kl.placement", self.placement, PLACEMENTS)
-        _check_choice("kl.level", self.level, LEVELS)
-        _check_choice("kl.off_policy", self.off_policy, OFF_POLICY)
-        if isinstance(self.coef, bool) or not isinstance(self.coef, (int, float)):
-            raise ValueError(f"kl.coef must be a number >= 0, got {self.coef!r}")
-        if not (math.isfinite(self.coef) and self.coef >= 0):
-            raise ValueError(f"kl.coef must be a finite number >= 0, got {self.coef!r}")
-        if not isinstance(self.reward_to_go, bool):
-            raise ValueError(f"kl.reward_to_go must be true or false, got {self.reward_to_go!r}")
-        if self.ratio_clip is not None and not self.ratio_clip > 0:
-            raise ValueError(f"kl.ratio_clip must be > 0 or null, got {self.ratio_clip!r}")
-        if self.log_ratio_clamp is not None and not self.log_ratio_clamp > 0:
-            raise ValueError(f"kl.log_ratio_clamp must be > 0 or null, got {self.log_ratio_clamp!r}")
-        if self.value_clamp is not None and not self.value_clamp > 0:
-            raise ValueError(f"kl.value_clamp must be > 0 or null, got {self.value_clamp!r}")
-        if self.grad_estimator != "same" and not self.as_loss:
-            raise ValueError(
-                f"kl.grad_estimator={self.grad_estimator} sets the gradient of the KL loss, but "
-                f"kl.placement={self.placement}; set kl.placement to loss or both, or kl.grad_estimator=same"
-            )
-        if self.off_policy != "none" and not self.as_loss:
-            raise ValueError(
-                f"kl.off_policy={self.off_policy} corrects the KL loss only, but kl.placement={self.placement}; "
-                "set kl.placement to loss or both, or kl.off_policy=none"
-            )
-        if self.ratio_clip is not None and self.off_policy == "none":
-            raise ValueError(
-                "kl.ratio_clip has no effect with kl.off_policy=none; set kl.off_policy or kl.ratio_clip=null"
-            )
+    grad_estimator: GradEstimator = GradEstimator.same
 
     @classmethod
-    def from_config(cls, obj: Any) -> KLSpec:
-        """Read the fields by attribute from any object (e.g. the `kl` config node); other attributes are ignored.
-
-        The eight original fields are required; `value_clamp` and `grad_estimator` keep their defaults
-        when the object lacks them (configs written before they existed).
-        """
-        names = (
-            "coef",
-            "estimator",
-            "placement",
-            "level",
-            "reward_to_go",
-            "off_policy",
-            "ratio_clip",
-            "log_ratio_clamp",
-        )
-        missing = [n for n in names if not hasattr(obj, n)]
-        if missing:
-            raise ValueError(f"KL config lacks field(s) {', '.join(missing)}; expected {', '.join(names)}")
-        optional = {n: getattr(obj, n) for n in ("value_clamp", "grad_estimator") if hasattr(obj, n)}
-        return cls(**{n: getattr(obj, n) for n in names}, **optional)
+    def from_config(cls, cfg: Any) -> KLSpec:
+        """The spec's fields read by name from `cfg` (a `KLConfig`; its other fields are ignored)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
     @property
     def in_reward(self) -> bool:
@@ -423,10 +333,6 @@ class KLSpec:
     @property
     def as_loss(self) -> bool:
         return self.placement in ("loss", "both")
-
-    @property
-    def enabled(self) -> bool:
-        return self.placement != "none"
 
     def reward_penalty(self, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Detached penalties `[B, T]` without β (summed to go if `reward_to_go`); zeros if not in reward."""
@@ -529,8 +435,6 @@ def build_controller(
     kind: str, coef: float, target: float | None = None, horizon: float | None = None
 ) -> FixedKLController | AdaptiveKLController:
     """ "fixed" → FixedKLController(coef); "adaptive" → AdaptiveKLController(coef, target, horizon)."""
-    if kind == "fixed":
+    if Controller(kind) == Controller.fixed:
         return FixedKLController(coef)
-    if kind == "adaptive":
-        return AdaptiveKLController(coef, target, horizon)
-    raise ValueError(f"unknown KL controller {kind!r}; expected one of {', '.join(CONTROLLERS)}")
+    return AdaptiveKLController(coef, target, horizon)

@@ -1,6 +1,6 @@
 """Masked tensor reductions shared by the KL terms (klbench.kl) and the policy losses (klbench.losses).
 
-Both must aggregate over tokens the same way: THEORY.md's token-level repairs (k3 in both,
+Both must aggregate over tokens the same way: the token-level repairs of docs/theory.md (k3 in both,
 k2-as-loss + future-token k1 in reward) only hold when the loss part and the reward part use
 one aggregation. Pure functions over tensors; no config, no logging.
 """
@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import torch
 
-#: How a per-token quantity `[B, T]` becomes one scalar.
-#:  - seq_mean_token_mean: mean over each sequence's response tokens, then mean over sequences (GRPO)
-#:  - token_mean: one mean over every response token of the batch (DAPO / TRL "dapo")
-#:  - seq_mean_token_sum: sum over each sequence's tokens, then mean over sequences (Dr. GRPO, the theory's sums)
-AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum")
+from klbench.config import LossAgg
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -28,14 +24,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "seq_mean_token_mean") -> torch.Tensor:
-    """Reduce per-token `values` `[B, T]` over response tokens (`mask` `[B, T]`) to a scalar."""
-    if mode == "seq_mean_token_mean":
+    """Reduce per-token `values` `[B, T]` over response tokens (`mask` `[B, T]`) to a scalar:
+    - seq_mean_token_mean: mean over each sequence's response tokens, then over sequences (GRPO)
+    - token_mean: one mean over every response token of the batch (DAPO / TRL "dapo")
+    - seq_mean_token_sum: sum over each sequence's tokens, then mean over sequences (Dr. GRPO, the theory's sums)
+    """
+    mode = LossAgg(mode)
+    if mode == LossAgg.seq_mean_token_mean:
         return masked_mean(values, mask, dim=-1).mean()
-    if mode == "token_mean":
+    if mode == LossAgg.token_mean:
         return masked_mean(values, mask)
-    if mode == "seq_mean_token_sum":
-        return masked_sum(values, mask, dim=-1).mean()
-    raise ValueError(f"unknown aggregation {mode!r}; expected one of {', '.join(AGGREGATIONS)}")
+    return masked_sum(values, mask, dim=-1).mean()
 
 
 def reverse_cumsum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from klbench import kl
-from klbench.ops import AGGREGATIONS
+from klbench.cli import one_line
+from klbench.config import ConfigError, KLConfig, LossAgg, to_config
 
 DT = torch.float64
 
@@ -152,8 +156,6 @@ def test_ratio_clip_is_truncated_importance_sampling():
     torch.testing.assert_close(
         g, torch.tensor([[1.5 * u[0, 0], rho[0, 1] * (u[0, 1] ** 2 / 2 + u[0, 1])]], dtype=DT)
     )
-    with pytest.raises(ValueError, match="ratio_clip"):
-        kl.kl_loss(logp, ref, mask, estimator="k2", ratio_clip=1.5)  # off_policy none
 
 
 def test_behaviour_none_means_on_policy():
@@ -197,12 +199,12 @@ def test_aggregation_modes():
         "token_mean": values.sum() / mask.sum(),
         "seq_mean_token_sum": values.sum(-1).mean(),
     }
-    assert set(expected) == set(AGGREGATIONS)
+    assert set(expected) == set(LossAgg.values())
     for agg, want in expected.items():
         torch.testing.assert_close(kl.kl_loss(logp, ref, mask, estimator="k2", agg=agg), want)
     # the default is seq_mean_token_mean; at sequence level agg weighs each sequence's value
     torch.testing.assert_close(kl.kl_loss(logp, ref, mask, estimator="k2"), expected["seq_mean_token_mean"])
-    seq = {a: kl.kl_loss(logp, ref, mask, estimator="k2", level="sequence", agg=a) for a in AGGREGATIONS}
+    seq = {a: kl.kl_loss(logp, ref, mask, estimator="k2", level="sequence", agg=a) for a in LossAgg.values()}
     per_seq = kl.estimate("k2", (logp * mask).sum(-1), (ref * mask).sum(-1))  # [B]
     torch.testing.assert_close(seq["seq_mean_token_sum"], per_seq.mean())
     torch.testing.assert_close(seq["seq_mean_token_mean"], (per_seq / n).mean())
@@ -363,10 +365,8 @@ def test_grad_estimator_none_keeps_the_value_and_has_no_gradient():
     out = kl.kl_loss(logp, ref, mask, estimator="k3", grad_estimator="none", value_clamp=1.0)
     torch.testing.assert_close(out, kl.kl_loss(logp, ref, mask, estimator="k3", value_clamp=1.0).detach())
     assert not out.requires_grad
-    with pytest.raises(ValueError, match="grad_estimator"):
+    with pytest.raises(ValueError, match="GradEstimator 'k4'"):
         kl.kl_loss(logp, ref, mask, estimator="k3", grad_estimator="k4")
-    with pytest.raises(ValueError, match="value_clamp"):
-        kl.kl_in_reward(logp, ref, mask, estimator="k1", value_clamp=0.0)
 
 
 def test_new_options_default_to_the_old_behaviour():
@@ -378,7 +378,7 @@ def test_new_options_default_to_the_old_behaviour():
         a = kl.kl_loss(logp, ref, mask, **kw)
         b = kl.kl_loss(logp, ref, mask, value_clamp=None, grad_estimator="same", **kw)
         assert torch.equal(a, b)
-    spec = kl.KLSpec.from_config(_cfg())  # a config object without the new fields
+    spec = kl.KLSpec.from_config(KLConfig())
     assert (spec.value_clamp, spec.grad_estimator) == (None, "same")
 
 
@@ -395,6 +395,8 @@ def _cfg(**over):
         off_policy="none",
         ratio_clip=None,
         log_ratio_clamp=20.0,
+        value_clamp=None,
+        grad_estimator="same",
         controller="adaptive",  # controller fields are ignored
         target=6.0,
         horizon=10000,
@@ -405,50 +407,58 @@ def _cfg(**over):
 def test_klspec_from_config_and_properties():
     spec = kl.KLSpec.from_config(_cfg())
     assert (spec.coef, spec.estimator, spec.placement) == (0.1, "k2", "loss")
-    assert spec.as_loss and not spec.in_reward and spec.enabled
+    assert spec.as_loss and not spec.in_reward
     both = kl.KLSpec.from_config(_cfg(placement="both", estimator="k3"))
     assert both.as_loss and both.in_reward
     none = kl.KLSpec.from_config(_cfg(placement="none"))
-    assert not (none.enabled or none.as_loss or none.in_reward)
-    with pytest.raises(ValueError, match="lacks field"):
+    assert not (none.as_loss or none.in_reward)
+    with pytest.raises(AttributeError, match="estimator"):
         kl.KLSpec.from_config(SimpleNamespace(coef=0.1))
     with pytest.raises(AttributeError):
         spec.coef = 1.0  # frozen
+    # every field of the spec is a field of the config it is built from (one source of truth)
+    assert {f.name for f in dataclasses.fields(kl.KLSpec)} <= {f.name for f in dataclasses.fields(KLConfig)}
+    assert kl.KLSpec.from_config(KLConfig()) == kl.KLSpec(
+        coef=0.2, estimator="k2", placement="loss", level="token", reward_to_go=True, off_policy="none",
+        ratio_clip=None, log_ratio_clamp=20.0)
 
 
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
-        ("estimator", "k4", "kl.estimator .*k1, k2, k3"),
-        ("placement", "advantage", "kl.placement .*none, reward, loss, both"),
-        ("level", "batch", "kl.level .*token, sequence"),
-        ("off_policy", "is", "kl.off_policy .*none, sg_ratio, ratio"),
+        ("estimator", "k4", "kl.estimator='k4' is not valid; allowed: k1, k2, k3"),
+        ("placement", "advantage", "kl.placement.*none, reward, loss, both"),
+        ("level", "batch", "kl.level.*token, sequence"),
+        ("off_policy", "is", "kl.off_policy.*none, sg_ratio, ratio"),
         ("coef", -0.1, "kl.coef"),
-        ("coef", float("nan"), "kl.coef"),
-        ("coef", "0.1", "kl.coef"),
-        ("reward_to_go", "yes", "kl.reward_to_go"),
+        ("coef", float("nan"), "kl.coef=nan is not valid"),
+        ("coef", float("inf"), "kl.coef=inf is not valid; must be a finite number"),
+        ("target", float("inf"), "kl.target=inf"),
         ("ratio_clip", 0.0, "kl.ratio_clip"),
         ("log_ratio_clamp", -1.0, "kl.log_ratio_clamp"),
-        ("value_clamp", 0.0, "kl.value_clamp"),
-        ("grad_estimator", "k4", "kl.grad_estimator .*same, k1, k2, k3, none"),
+        ("value_clamp", 0.0, "kl.value_clamp=0.0 is not valid; must be > 0 or null"),
+        ("grad_estimator", "k4", "kl.grad_estimator='k4' is not valid; allowed: same, k1, k2, k3, none"),
     ],
 )
-def test_klspec_validation(field, value, match):
+def test_kl_config_is_validated_once_in_one_line(field, value, match):
+    """Allowed values and ranges are checked when the config is built, not by the KL functions."""
     over = {field: value}
     if field == "ratio_clip":
         over["off_policy"] = "sg_ratio"
-    with pytest.raises(ValueError, match=match) as err:
-        kl.KLSpec.from_config(_cfg(**over))
-    assert "\n" not in str(err.value)
+    with pytest.raises(Exception) as err:  # noqa: B017 - OmegaConf's or klbench's error, shown as one line
+        to_config(OmegaConf.create({"kl": over}))
+    msg = one_line(err.value)
+    assert re.search(match, msg), msg
+    assert "\n" not in msg
 
 
-def test_klspec_rejects_settings_that_would_do_nothing():
-    with pytest.raises(ValueError, match="corrects the KL loss only"):
-        kl.KLSpec(coef=0.1, estimator="k1", placement="reward", off_policy="sg_ratio")
-    with pytest.raises(ValueError, match="ratio_clip has no effect"):
-        kl.KLSpec(coef=0.1, estimator="k2", placement="loss", ratio_clip=2.0)
-    with pytest.raises(ValueError, match="grad_estimator=k2 sets the gradient of the KL loss"):
-        kl.KLSpec(coef=0.1, estimator="k3", placement="reward", grad_estimator="k2")
+def test_kl_config_rejects_settings_that_would_do_nothing():
+    with pytest.raises(ConfigError, match="applies to a KL \\*loss\\*"):
+        KLConfig(coef=0.1, estimator="k1", placement="reward", off_policy="sg_ratio")
+    with pytest.raises(ConfigError, match="clips the IS weight"):
+        KLConfig(coef=0.1, estimator="k2", placement="loss", ratio_clip=2.0)
+    with pytest.raises(ConfigError, match="sets the gradient of a KL \\*loss\\*"):
+        KLConfig(coef=0.1, estimator="k3", placement="reward", grad_estimator="k2")
 
 
 def test_klspec_helpers_call_kl_functions_without_beta():
