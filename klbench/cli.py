@@ -1,4 +1,4 @@
-"""The `klbench` command: run | eval | verify | report | bench.
+"""The `klbench` command: run | eval | verify | audit | report | bench.
 
 `run` and `eval` are Hydra apps over `conf/` (recipes are its `recipe` group). Before Hydra starts
 any job, every job of the invocation (each point of a `-m` sweep, recipe sweeps included) is
@@ -23,6 +23,7 @@ commands:
   run      train one experiment, or a sweep with -m (Hydra overrides: kl=k3_as_loss kl.coef=0.5 ...)
   eval     evaluate a model on benchmarks (model.name_or_path=... data=math500 eval.samples=4)
   verify   check the paper's KL-gradient claims exactly on klbench's loss code
+  audit    which KL term each RL framework's shipped code optimises (verl, OpenRLHF, TRL, ...)
   report   turn a sweep directory into tables, plots and a manifest
   bench    benchmark klbench against TRL GRPOTrainer on identical work
 
@@ -275,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
         from klbench.theory import main as verify_main
 
         raise SystemExit(verify_main(rest))
+    elif cmd == "audit":
+        from klbench.audit import main as audit_main
+
+        raise SystemExit(audit_main(rest))
     elif cmd == "report":
         from klbench.report import main as report_main
 
@@ -285,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(bench_main(rest))
     else:
         print(USAGE, file=sys.stderr)
-        fail(f"unknown command {cmd!r}; commands: run, eval, verify, report, bench")
+        fail(f"unknown command {cmd!r}; commands: run, eval, verify, audit, report, bench")
 
 
 if __name__ == "__main__":

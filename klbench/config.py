@@ -43,6 +43,7 @@ Estimator = _choices("Estimator", "k1 k2 k3")
 Placement = _choices("Placement", "none reward loss both")
 Level = _choices("Level", "token sequence")
 OffPolicy = _choices("OffPolicy", "none sg_ratio ratio")
+GradEstimator = _choices("GradEstimator", "same k1 k2 k3 none")
 Controller = _choices("Controller", "fixed adaptive")
 Advantage = _choices("Advantage", "grpo dr_grpo rloo reinforce_pp")
 LossAgg = _choices("LossAgg", "seq_mean_token_mean token_mean seq_mean_token_sum")
@@ -85,6 +86,8 @@ class KLConfig:
     off_policy: OffPolicy = OffPolicy.none  # IS weight on the loss term
     ratio_clip: float | None = None  # truncate the IS ratio at this value
     log_ratio_clamp: float | None = 20.0  # clamp |log pi - log pi_ref| before exp() in k3
+    value_clamp: float | None = None  # clamp the KL term's value to [-c, c] (frameworks: 10); null = none
+    grad_estimator: GradEstimator = GradEstimator.same  # loss gradient: k1/k2/k3 straight-through, none
     controller: Controller = Controller.fixed
     target: float = 1.0  # adaptive: target kl/rkl_k1 (nats per sequence)
     horizon: int = 10000  # adaptive: samples over which the error is corrected
@@ -102,6 +105,11 @@ class KLConfig:
                    "clips the IS weight of kl.off_policy, which is none: set kl.off_policy or kl.ratio_clip=null")
         if self.log_ratio_clamp is not None:
             _check(self.log_ratio_clamp > 0, "kl", "log_ratio_clamp", self.log_ratio_clamp, "must be > 0 or null")
+        if self.value_clamp is not None:
+            _check(self.value_clamp > 0, "kl", "value_clamp", self.value_clamp, "must be > 0 or null")
+        if self.grad_estimator != "same":
+            _check(self.placement in ("loss", "both"), "kl", "grad_estimator", self.grad_estimator,
+                   "sets the gradient of a KL *loss*: set kl.placement=loss or both, or grad_estimator=same")
         _check(self.target > 0, "kl", "target", self.target, "must be > 0")
         _check(self.horizon >= 1, "kl", "horizon", self.horizon, "must be >= 1")
 

@@ -37,6 +37,13 @@ Placements, and what each does to the gradient (on-policy expectation over y ~ �
   the forward KL; per-token ratios (level "token") only correct the last token's distribution
   and stay biased. In-reward terms are corrected by the policy-gradient loss's own ratio, not here.
 
+Two options exist to reproduce what RL frameworks ship (conf/kl/frameworks/, `klbench audit`):
+`value_clamp` bounds the term's value to [−c, c] (verl and SkyRL on k3, OpenRLHF/AReaL/NeMo-RL on
+every estimator: no gradient where it is active), and `grad_estimator` separates the value from
+the gradient: "k1"/"k2"/"k3" give the value of `estimator` with the gradient of another
+(straight-through, verl's "k3+" names, OpenRLHF's `unbiased_gradient`), "none" a term with no
+gradient at all (a KL loss computed under torch.no_grad, as skyrl-train 0.3.1 ships it).
+
 `klbench verify` (klbench.theory) checks every line above by exact enumeration, calling the
 functions of this module.
 """
@@ -48,7 +55,7 @@ from typing import Any
 
 import torch
 
-from klbench.config import Controller, Estimator, Level, OffPolicy, Placement
+from klbench.config import Controller, Estimator, GradEstimator, Level, OffPolicy, Placement
 from klbench.ops import aggregate, masked_mean, reverse_cumsum
 
 #: Default bound on |log-ratio| before it is exponentiated (verl uses the same ±20).
@@ -162,6 +169,8 @@ def kl_loss(
     ratio_clip: float | None = None,
     agg: str = "seq_mean_token_mean",
     log_ratio_clamp: float | None = DEFAULT_LOG_RATIO_CLAMP,
+    value_clamp: float | None = None,
+    grad_estimator: str = "same",
 ) -> torch.Tensor:
     """The KL term as a loss: a 0-dim tensor whose gradient flows into `logp` only (β not applied).
 
@@ -192,14 +201,23 @@ def kl_loss(
             ρ = e^{±c} with no gradient through it. k1 and k2 are polynomials and are never
             clamped (a long response can legitimately have |U| > 20). None disables the clamp.
             Log `clamp_fraction` to see how often it is active.
+        value_clamp: bound on the term's value (per token, or per sequence at level "sequence"),
+            applied after the IS weight: values outside [−c, c] become ±c and pass no gradient.
+            None (default): no bound. Frameworks clamp at 10 (conf/kl/frameworks/).
+        grad_estimator: "same" (default): the gradient of the value. "k1" | "k2" | "k3": straight-
+            through, sg(value) + g − sg(g): the value of `estimator` (clamped, *not* IS-weighted: the
+            KL estimate one logs) with the gradient of g, the `off_policy`-weighted `grad_estimator`
+            term without `value_clamp` (verl's "k3+", OpenRLHF's unbiased_gradient). "none": the value
+            with no gradient at all (skyrl-train 0.3.1's KL loss under torch.no_grad).
 
     Allowed values are validated once, by `klbench.config.KLConfig`; an unknown name raises here.
     """
-    level, off_policy = Level(level), OffPolicy(off_policy)
+    level, off_policy, grad_estimator = Level(level), OffPolicy(off_policy), GradEstimator(grad_estimator)
     mask = mask.to(logp.dtype)
     u = _masked_log_ratio(logp, ref_logp.detach(), mask)  # [B, T]
     x = u if level == Level.token else u.sum(-1)  # [B, T] or [B]
     values = _estimate(estimator, x, log_ratio_clamp)  # [B, T] or [B]
+    rho = None
     if off_policy != OffPolicy.none:
         behaviour = logp.detach() if behaviour_logp is None else behaviour_logp.detach()
         rho = _importance_ratio(
@@ -211,7 +229,14 @@ def kl_loss(
             ratio_clip=ratio_clip,
             log_ratio_clamp=log_ratio_clamp,
         )  # same shape as values
-        values = rho * values
+    if grad_estimator in (GradEstimator.same, GradEstimator.none):
+        values = _clamp(values if rho is None else rho * values, value_clamp)
+        if grad_estimator == GradEstimator.none:
+            values = values.detach()
+    else:  # straight-through: the (clamped) value of `estimator`, the gradient of the weighted grad_estimator
+        surrogate = _estimate(grad_estimator.value, x, log_ratio_clamp)
+        surrogate = surrogate if rho is None else rho * surrogate
+        values = _clamp(values, value_clamp).detach() + surrogate - surrogate.detach()
     if level == Level.sequence:
         # One value per sequence, aggregated like the policy-gradient loss: with "seq_mean_token_mean"
         # each sequence's term is divided by its length, the scale a sequence-level penalty in the
@@ -237,6 +262,7 @@ def kl_in_reward(
     reward_to_go: bool = True,
     include_current: bool = True,
     log_ratio_clamp: float | None = DEFAULT_LOG_RATIO_CLAMP,
+    value_clamp: float | None = None,
 ) -> torch.Tensor:
     """The KL term as a detached reward penalty `[B, T]` (β not applied; the caller subtracts β·this).
 
@@ -247,7 +273,8 @@ def kl_in_reward(
     per-token penalties are returned. `include_current=False` (token level, reward-to-go only)
     gives the "future tokens only" coefficient Σ_{t' > t}, which with estimator "k1" completes
     token-level k2 as loss into the exact RKL gradient (docs/theory.md). Zero off the mask.
-    `log_ratio_clamp` as in `kl_loss` (k3 only).
+    `log_ratio_clamp` as in `kl_loss` (k3 only); `value_clamp` bounds each penalty (per token, or per
+    sequence at level "sequence") to [−c, c] before it is summed to go.
     """
     level = Level(level)
     if not include_current and (level != Level.token or not reward_to_go):
@@ -257,9 +284,10 @@ def kl_in_reward(
         mask = mask.to(logp.dtype)
         u = _masked_log_ratio(logp, ref_logp, mask)  # [B, T]
         if level == Level.token:
-            penalty = _estimate(estimator, u, log_ratio_clamp) * mask  # [B, T]
+            penalty = _clamp(_estimate(estimator, u, log_ratio_clamp), value_clamp) * mask  # [B, T]
         else:
-            penalty = _on_last_token(_estimate(estimator, u.sum(-1), log_ratio_clamp), mask)  # [B, T]
+            per_seq = _clamp(_estimate(estimator, u.sum(-1), log_ratio_clamp), value_clamp)  # [B]
+            penalty = _on_last_token(per_seq, mask)  # [B, T]
         if not reward_to_go:
             return penalty
         to_go = reverse_cumsum(penalty, mask)  # [B, T]
@@ -290,6 +318,8 @@ class KLSpec:
     off_policy: OffPolicy = OffPolicy.none
     ratio_clip: float | None = None
     log_ratio_clamp: float | None = DEFAULT_LOG_RATIO_CLAMP
+    value_clamp: float | None = None
+    grad_estimator: GradEstimator = GradEstimator.same
 
     @classmethod
     def from_config(cls, cfg: Any) -> KLSpec:
@@ -316,6 +346,7 @@ class KLSpec:
             level=self.level,
             reward_to_go=self.reward_to_go,
             log_ratio_clamp=self.log_ratio_clamp,
+            value_clamp=self.value_clamp,
         )
 
     def loss(
@@ -341,6 +372,8 @@ class KLSpec:
             ratio_clip=self.ratio_clip,
             agg=agg,
             log_ratio_clamp=self.log_ratio_clamp,
+            value_clamp=self.value_clamp,
+            grad_estimator=self.grad_estimator,
         )
 
 

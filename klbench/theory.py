@@ -363,6 +363,49 @@ def compare(g: torch.Tensor, target: torch.Tensor) -> tuple[float, float | None,
     return float((target - c * g).norm() / norm_target), cos, float(c)
 
 
+@dataclass(frozen=True)
+class GradientStats:
+    """The expected gradient g = Σ_y μ(y)∇loss(y) of a term against the exact KL gradients."""
+
+    g: torch.Tensor  # [D]
+    err_rkl: float  # min_{c≥0}‖c·g − ∇RKL‖/‖∇RKL‖
+    cos_rkl: float | None
+    scale_rkl: float  # the minimising c
+    err_fkl: float
+    cos_fkl: float | None
+    norm: float  # ‖g‖
+    norm_rkl: float
+    zero_vector: bool  # ‖g‖ ≤ ZERO_TOL·‖∇RKL‖
+    variance: float  # tr Cov_{y~μ}[∇loss(y)] / ‖∇RKL‖², exact
+
+
+def gradient_stats(
+    per_sample: torch.Tensor, mu: torch.Tensor, g_rkl: torch.Tensor, g_fkl: torch.Tensor
+) -> GradientStats:
+    """Statistics of per-sample gradients `[N, D]` (one per enumerated response) under the weights μ `[N]`.
+
+    `klbench audit` passes the per-sample gradients of a framework's own KL code here.
+    """
+    norm_rkl = float(g_rkl.norm())
+    g = mu @ per_sample  # [D] Σ_y μ(y) ∇loss(y)
+    variance = float(mu @ per_sample.pow(2).sum(-1) - g.pow(2).sum()) / norm_rkl**2
+    err_rkl, cos_rkl, scale = compare(g, g_rkl)
+    err_fkl, cos_fkl, _ = compare(g, g_fkl)
+    norm = float(g.norm())
+    return GradientStats(
+        g=g,
+        err_rkl=err_rkl,
+        cos_rkl=cos_rkl,
+        scale_rkl=scale,
+        err_fkl=err_fkl,
+        cos_fkl=cos_fkl,
+        norm=norm,
+        norm_rkl=norm_rkl,
+        zero_vector=norm <= ZERO_TOL * norm_rkl,
+        variance=variance,
+    )
+
+
 def run_verification(
     vocab: int = 3,
     steps: int = 4,
@@ -391,24 +434,20 @@ def run_verification(
         for variant in variants:
             mu = probs[variant.policy]  # [N]
             per_sample = per_sample_gradients(variant, theta, theta_ref, theta_mu, tab).flatten(1)  # [N, D]
-            g = mu @ per_sample  # [D] Σ_y μ(y) ∇loss(y)
-            variance = float(mu @ per_sample.pow(2).sum(-1) - g.pow(2).sum()) / norm_rkl**2
-            err_rkl, cos_rkl, scale = compare(g, g_rkl)
-            err_fkl, cos_fkl, _ = compare(g, g_fkl)
-            norm = float(g.norm())
-            zero = norm <= ZERO_TOL * norm_rkl
+            st = gradient_stats(per_sample, mu, g_rkl, g_fkl)
+            g, variance, zero = st.g, st.variance, st.zero_vector
             row = Row(
                 key=variant.key,
                 label=variant.label,
                 policy=variant.policy,
                 claim=variant.claim,
                 drift=float(drift),
-                err_rkl=None if zero else err_rkl,
-                err_fkl=None if zero else err_fkl,
-                cos_rkl=None if zero else cos_rkl,
-                cos_fkl=None if zero else cos_fkl,
-                scale_rkl=0.0 if zero else scale,
-                norm=norm,
+                err_rkl=None if zero else st.err_rkl,
+                err_fkl=None if zero else st.err_fkl,
+                cos_rkl=None if zero else st.cos_rkl,
+                cos_fkl=None if zero else st.cos_fkl,
+                scale_rkl=0.0 if zero else st.scale_rkl,
+                norm=st.norm,
                 norm_rkl=norm_rkl,
                 norm_fkl=float(g_fkl.norm()),
                 zero_vector=zero,

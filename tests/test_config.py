@@ -18,6 +18,9 @@ BAD = [
     (["algo.mini_batch_size=7"], "must divide algo.group_size * algo.prompts_per_step = 128"),
     (["kl.off_policy=sg_ratio", "kl=k1_in_reward"], "set kl.placement=loss or both"),
     (["rollout.engine=sglang"], "allowed: hf, vllm"),
+    (["kl.value_clamp=0"], "kl.value_clamp=0.0 is not valid; must be > 0 or null"),
+    (["kl.grad_estimator=k5"], "kl.grad_estimator='k5' is not valid; allowed: same, k1, k2, k3, none"),
+    (["kl=k1_in_reward", "kl.grad_estimator=k2"], "sets the gradient of a KL *loss*"),
     (["kl=none,k2_as_loss"], "is a sweep: add -m"),
 ]
 

@@ -306,6 +306,82 @@ def test_last_token_placement_with_left_and_right_padding():
     torch.testing.assert_close(seq, torch.tensor([[0, 0, 2, 0], [0, 0, 0, 4]], dtype=DT))
 
 
+# ------------------------------------------------------------------ value_clamp, grad_estimator
+
+
+def test_value_clamp_bounds_the_value_and_stops_the_gradient_where_active():
+    u = torch.tensor([[-4.0, -1.0, 0.5, 3.0, 6.0]], dtype=DT)  # k2 = 8, 0.5, 0.125, 4.5, 18
+    ref, mask = torch.zeros_like(u), torch.ones_like(u)
+    value, g = _grad(
+        lambda lp: kl.kl_loss(lp, ref, mask, estimator="k2", value_clamp=4.0, agg="seq_mean_token_sum"), u
+    )
+    assert value.item() == pytest.approx(4.0 + 0.5 + 0.125 + 4.0 + 4.0)
+    torch.testing.assert_close(g, torch.tensor([[0.0, -1.0, 0.5, 0.0, 0.0]], dtype=DT))
+    # in the reward: each token's penalty is bounded before it is summed to go
+    pen = kl.kl_in_reward(u, ref, mask, estimator="k2", reward_to_go=False, value_clamp=4.0)
+    torch.testing.assert_close(pen, torch.tensor([[4.0, 0.5, 0.125, 4.0, 4.0]], dtype=DT))
+    seq = kl.kl_in_reward(u, ref, mask, estimator="k1", level="sequence", reward_to_go=False, value_clamp=1.0)
+    torch.testing.assert_close(seq, torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]], dtype=DT))  # U = 4.5 -> 1
+
+
+def test_value_clamp_applies_after_the_importance_weight():
+    logp, ref, beh, mask = _batch(2)
+    kw = dict(estimator="k3", off_policy="ratio", behaviour_logp=beh, agg="seq_mean_token_sum")
+    u, rho = (logp - ref) * mask, ((logp - beh) * mask).exp()
+    weighted = rho * kl.estimate("k3", u, torch.zeros_like(u))
+    c = float(weighted[mask.bool()].median())
+    value, g = _grad(lambda lp: kl.kl_loss(lp, ref, mask, value_clamp=c, **kw), logp)
+    torch.testing.assert_close(value, (weighted.clamp(-c, c) * mask).sum() / logp.shape[0])
+    assert ((g == 0) == ((weighted.abs() > c) | (mask == 0))).all()
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_grad_estimator_is_straight_through(level):
+    """Value of k3 (clamped), gradient of k2: sg(k3) + k2 - sg(k2), as verl's "k3+"."""
+    logp, ref, _, mask = _batch(3)
+    kw = dict(level=level, agg="seq_mean_token_sum")
+    value, g = _grad(
+        lambda lp: kl.kl_loss(lp, ref, mask, estimator="k3", grad_estimator="k2", value_clamp=0.5, **kw), logp
+    )
+    want_value, _ = _grad(lambda lp: kl.kl_loss(lp, ref, mask, estimator="k3", value_clamp=0.5, **kw), logp)
+    _, want_g = _grad(lambda lp: kl.kl_loss(lp, ref, mask, estimator="k2", **kw), logp)  # no value clamp
+    torch.testing.assert_close(value, want_value)
+    torch.testing.assert_close(g, want_g)
+
+
+def test_grad_estimator_weights_only_the_gradient_off_policy():
+    """OpenRLHF's unbiased_gradient: value of the estimator, gradient sg(min(rho, 10)) * u."""
+    logp, ref, beh, mask = _batch(4)
+    kw = dict(off_policy="sg_ratio", ratio_clip=1.5, behaviour_logp=beh, agg="seq_mean_token_sum")
+    value, g = _grad(lambda lp: kl.kl_loss(lp, ref, mask, estimator="k3", grad_estimator="k2", **kw), logp)
+    u, rho = (logp - ref) * mask, ((logp - beh) * mask).exp().clamp(max=1.5)
+    torch.testing.assert_close(value, (kl.estimate("k3", u, torch.zeros_like(u)) * mask).sum() / 3)
+    torch.testing.assert_close(g, rho * u * mask / 3)
+
+
+def test_grad_estimator_none_keeps_the_value_and_has_no_gradient():
+    logp, ref, _, mask = _batch(5)
+    logp = logp.requires_grad_(True)
+    out = kl.kl_loss(logp, ref, mask, estimator="k3", grad_estimator="none", value_clamp=1.0)
+    torch.testing.assert_close(out, kl.kl_loss(logp, ref, mask, estimator="k3", value_clamp=1.0).detach())
+    assert not out.requires_grad
+    with pytest.raises(ValueError, match="GradEstimator 'k4'"):
+        kl.kl_loss(logp, ref, mask, estimator="k3", grad_estimator="k4")
+
+
+def test_new_options_default_to_the_old_behaviour():
+    logp, ref, beh, mask = _batch(6)
+    for kw in (
+        dict(estimator="k3"),
+        dict(estimator="k2", level="sequence", off_policy="ratio", behaviour_logp=beh),
+    ):
+        a = kl.kl_loss(logp, ref, mask, **kw)
+        b = kl.kl_loss(logp, ref, mask, value_clamp=None, grad_estimator="same", **kw)
+        assert torch.equal(a, b)
+    spec = kl.KLSpec.from_config(KLConfig())
+    assert (spec.value_clamp, spec.grad_estimator) == (None, "same")
+
+
 # ------------------------------------------------------------------ KLSpec
 
 
@@ -319,6 +395,8 @@ def _cfg(**over):
         off_policy="none",
         ratio_clip=None,
         log_ratio_clamp=20.0,
+        value_clamp=None,
+        grad_estimator="same",
         controller="adaptive",  # controller fields are ignored
         target=6.0,
         horizon=10000,
@@ -358,6 +436,8 @@ def test_klspec_from_config_and_properties():
         ("target", float("inf"), "kl.target=inf"),
         ("ratio_clip", 0.0, "kl.ratio_clip"),
         ("log_ratio_clamp", -1.0, "kl.log_ratio_clamp"),
+        ("value_clamp", 0.0, "kl.value_clamp=0.0 is not valid; must be > 0 or null"),
+        ("grad_estimator", "k4", "kl.grad_estimator='k4' is not valid; allowed: same, k1, k2, k3, none"),
     ],
 )
 def test_kl_config_is_validated_once_in_one_line(field, value, match):
@@ -377,6 +457,8 @@ def test_kl_config_rejects_settings_that_would_do_nothing():
         KLConfig(coef=0.1, estimator="k1", placement="reward", off_policy="sg_ratio")
     with pytest.raises(ConfigError, match="clips the IS weight"):
         KLConfig(coef=0.1, estimator="k2", placement="loss", ratio_clip=2.0)
+    with pytest.raises(ConfigError, match="sets the gradient of a KL \\*loss\\*"):
+        KLConfig(coef=0.1, estimator="k3", placement="reward", grad_estimator="k2")
 
 
 def test_klspec_helpers_call_kl_functions_without_beta():
