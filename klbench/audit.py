@@ -43,7 +43,6 @@ import importlib.metadata as metadata
 import importlib.util
 import inspect
 import json
-import math
 import shlex
 import sys
 import time
@@ -60,9 +59,11 @@ import torch
 from omegaconf import OmegaConf
 
 from klbench import kl as kl_lib
-from klbench import provenance, theory
+from klbench import provenance, tables, theory
 from klbench.config import KLConfig
 from klbench.ops import aggregate, reverse_cumsum
+from klbench.paths import conf_dir
+from klbench.records import json_safe
 
 DTYPE = theory.DTYPE
 DRIFTS = (0.1, 1.0, 2.0)
@@ -75,9 +76,7 @@ TOL = 1e-5
 #: log-ratio grid of the clamp probe (float64) and of the finiteness probe (float32, bfloat16)
 CLAMP_GRID = torch.linspace(-100, 100, 20001, dtype=DTYPE)  # step 0.01
 FINITE_GRID = torch.arange(-100, 101, dtype=torch.float32)  # step 1
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "conf" / "kl" / "frameworks"
-if not PRESETS_DIR.is_dir():  # installed wheel: conf/ lives inside the package
-    PRESETS_DIR = Path(__file__).resolve().parent / "_conf" / "kl" / "frameworks"
+PRESETS_DIR = conf_dir() / "kl" / "frameworks"
 
 
 class FrameworkMissing(Exception):
@@ -1049,20 +1048,13 @@ def markdown(statuses: list[FrameworkStatus], results: list[CaseResult], header:
         "",
         "## Frameworks",
         "",
-        "| framework | audited | version | symbol | status |",
-        "|---|---|---|---|---|",
     ]
-    for s in statuses:
-        where = {
-            "installed": f"installed {s.version}",
-            "re-implemented": f"re-implemented ({s.pin})",
-            "missing": "not installed",
-            "broken": f"installed {s.version or '?'}: **broken**",
-        }[s.status]
-        pin = "" if s.version in (None, s.pin) else f" (audit written for {s.pin})"
-        lines.append(
-            f"| {s.name} | {where}{pin} | {s.version or s.pin} | `{s.symbol}` | {s.message or 'ok'} |"
-        )
+    where = {"installed": "installed {v}", "re-implemented": "re-implemented ({p})", "missing": "not installed",
+             "broken": "installed {v}: **broken**"}
+    lines.append(tables.markdown(["framework", "audited", "version", "symbol", "status"], [
+        [s.name, where[s.status].format(v=s.version or "?", p=s.pin)
+         + ("" if s.version in (None, s.pin) else f" (audit written for {s.pin})"),
+         s.version or s.pin, f"`{s.symbol}`", s.message or "ok"] for s in statuses]))
     lines += [
         "",
         "## The table",
@@ -1081,31 +1073,23 @@ def markdown(statuses: list[FrameworkStatus], results: list[CaseResult], header:
         "in float32 and bfloat16. In-reward terms are summed to go and carried by the score function "
         "(PPO/GAE γ = λ = 1, REINFORCE++).",
         "",
-        "| framework | option | default? | coef | source | gradient | error vs ∇RKL (drift "
-        f"{drifts}) | off-policy | variance | per token | zero-gradient region (u) | NaN-safe? |",
-        "|---|---|---|---:|---|---|---|---:|---:|---|---|---|",
     ]
-    for r in results:
-        var = next((d.variance for d in r.drifts if d.drift == 1.0), None)
-        note = f" ({r.note})" if r.note else ""
-        lines.append(
-            f"| {r.name} | `{r.option}`{note} | {r.default} | {_coef(r)} | {r.source} | **{r.verdict}** | "
-            f"{_errors(r)} | {_e(r.off_policy_err_rkl) if r.placement == 'loss' and not r.no_grad else '—'} | "
-            f"{_e(var)} | {r.per_token} | {r.clamp_region} | {'yes' if r.nan_safe else 'no: ' + _finite_cell(r)} |"
-        )
-    lines += [
-        "",
-        "## Details",
-        "",
-        "| framework | option | drift | err RKL | err FKL | scale c (RKL) | variance |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        for d in r.drifts:
-            lines.append(
-                f"| {r.name} | `{r.option}` | {d.drift:g} | {_e(d.err_rkl)} | {_e(d.err_fkl)} | "
-                f"{d.scale_rkl:.3g} | {_e(d.variance)} |"
-            )
+
+    def off(r: CaseResult) -> str:
+        return _e(r.off_policy_err_rkl) if r.placement == "loss" and not r.no_grad else "—"
+
+    variance = {id(r): next((d.variance for d in r.drifts if d.drift == 1.0), None) for r in results}
+    lines.append(tables.markdown(
+        ["framework", "option", "default?", "coef", "source", "gradient", f"error vs ∇RKL (drift {drifts})",
+         "off-policy", "variance", "per token", "zero-gradient region (u)", "NaN-safe?"],
+        [[r.name, f"`{r.option}`" + (f" ({r.note})" if r.note else ""), r.default, _coef(r), r.source,
+          f"**{r.verdict}**", _errors(r), off(r), _e(variance[id(r)]), r.per_token, r.clamp_region,
+          "yes" if r.nan_safe else "no: " + _finite_cell(r)] for r in results],
+        "---r---rr"))
+    lines += ["", "## Details", "", tables.markdown(
+        ["framework", "option", "drift", "err RKL", "err FKL", "scale c (RKL)", "variance"],
+        [[r.name, f"`{r.option}`", f"{d.drift:g}", _e(d.err_rkl), _e(d.err_fkl), f"{d.scale_rkl:.3g}", _e(d.variance)]
+         for r in results for d in r.drifts], "--rrrrr")]
     lines += ["", "Finiteness, per dtype:", ""]
     for r in results:
         lines.append(f"- {r.name} `{r.option}`: " + "; ".join(f"{k}: {v}" for k, v in r.finite.items()))
@@ -1121,43 +1105,12 @@ def markdown(statuses: list[FrameworkStatus], results: list[CaseResult], header:
 
 def text_table(statuses: list[FrameworkStatus], results: list[CaseResult]) -> str:
     lines = [s.message for s in statuses if s.status in ("missing", "broken")]
-    rows = [
-        (
-            "framework",
-            "option",
-            "gradient",
-            "err RKL " + "/".join(f"{d:g}" for d in DRIFTS),
-            "per token",
-            "NaN-safe",
-            "zero-gradient region",
-        )
-    ]
-    for r in results:
-        rows.append(
-            (
-                r.name,
-                r.option,
-                r.verdict,
-                _errors(r),
-                r.per_token,
-                "yes" if r.nan_safe else "no",
-                r.clamp_region,
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    table = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    table.insert(1, "-" * len(table[0]))
-    return "\n".join(lines + ([""] if lines else []) + table)
-
-
-def _clean(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    return x
+    table = tables.console(
+        ["framework", "option", "gradient", "err RKL " + "/".join(f"{d:g}" for d in DRIFTS), "per token", "NaN-safe",
+         "zero-gradient region"],
+        [[r.name, r.option, r.verdict, _errors(r), r.per_token, "yes" if r.nan_safe else "no", r.clamp_region]
+         for r in results])
+    return "\n".join(lines + ([""] if lines else []) + [table])
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1215,7 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
             "frameworks": [asdict(s) for s in statuses],
             "rows": [asdict(r) for r in results],
         }
-        (args.out / "audit.json").write_text(json.dumps(_clean(payload), indent=1, ensure_ascii=False) + "\n")
+        (args.out / "audit.json").write_text(json.dumps(json_safe(payload), indent=1, ensure_ascii=False) + "\n")
     return 1 if any(s.status == "broken" for s in statuses) else 0
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+from klbench import tables
 from klbench.config import Config, ConfigError, DataConfig, load_preset
 from klbench.data import Task, build_eval_task
 from klbench.data.example import Example
@@ -344,22 +345,10 @@ def training_evaluator(cfg: Config, run_dir: Path) -> Callable[..., Evaluator | 
 
 # -- `klbench eval` -------------------------------------------------------------------------------------
 def table(metrics: dict[str, float], sets: list[str]) -> str:
-    """A small text table: one row per dataset, one column per metric."""
-    cols: list[str] = []
-    for key in metrics:
-        if not key.startswith("eval/"):
-            continue
-        col = key.split("/", 2)[2]
-        if col not in cols:
-            cols.append(col)
-    width = max(len("dataset"), *(len(s) for s in sets))
-    lines = ["  ".join(["dataset".ljust(width), *(c.rjust(10) for c in cols)])]
-    for s in sets:
-        vals = [metrics.get(f"eval/{s}/{c}") for c in cols]
-        lines.append(
-            "  ".join([s.ljust(width), *(("-" if v is None else f"{v:.4f}").rjust(10) for v in vals)])
-        )
-    return "\n".join(lines)
+    """One row per dataset, one column per metric (console text)."""
+    cols = list(dict.fromkeys(k.split("/", 2)[2] for k in metrics if k.startswith("eval/")))
+    rows = [[s, *(f"{metrics[f'eval/{s}/{c}']:.4f}" if f"eval/{s}/{c}" in metrics else "-" for c in cols)] for s in sets]
+    return tables.console(["dataset", *cols], rows, "l" + "r" * len(cols))
 
 
 def evaluate_model(cfg: Config, run_dir: Path) -> dict:

@@ -4,12 +4,26 @@ window rule every summary and report uses. Standard library only."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 #: Summaries average the last this-fraction of training steps (per-step KL estimates are noisy).
 WINDOW_FRACTION = 0.2
+
+
+def json_safe(x: Any) -> Any:
+    """Strict JSON: nan/inf become null, numpy scalars plain numbers (containers walked)."""
+    if hasattr(x, "item") and getattr(x, "ndim", None) == 0:
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def write_json(path: Path, obj) -> None:

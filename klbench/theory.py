@@ -19,7 +19,7 @@ too; `--samples N` adds a Monte-Carlo estimate from N sequences drawn from μ.
 
 The KL functions are called with log_ratio_clamp=None (float64, |u| stays far below any clamp;
 the clamp itself is tested in tests/test_kl.py). `main` exits 1 if any row contradicts its claim.
-results/theory.md and the numbers in docs/which_kl.md come from `klbench verify --out results/`.
+results/theory.md and the numbers in docs/theory.md come from `klbench verify --out results/`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import argparse
 import datetime
 import itertools
 import json
-import math
 import shlex
 import sys
 import zlib
@@ -41,7 +40,9 @@ from torch.func import grad, vmap
 
 import klbench
 import klbench.kl as kl
+from klbench import tables
 from klbench.ops import aggregate
+from klbench.records import json_safe
 
 DTYPE = torch.float64
 #: Error below which an estimator counts as exact (float64 enumeration gives ~1e-15).
@@ -528,70 +529,36 @@ def markdown(rows: list[Row], header: dict) -> str:
         'The reverse KL is what the objective regularises. Rows claimed "= ∇FKL" follow the forward KL '
         'exactly instead (next table); "holds" checks each row\'s claim at every drift.',
         "",
-        "| variant | samples | claim | " + " | ".join(f"drift {d:g}" for d in drifts) + " | holds |",
-        "|---|---|---|" + "---:|" * len(drifts) + "---|",
     ]
-    for rs in groups.values():
-        r0 = rs[0]
-        cells = " | ".join(_err(r) for r in rs)
-        ok = "yes" if all(r.holds for r in rs) else "**NO**"
-        lines.append(
-            f"| {r0.label} | {'π_θ' if r0.policy == 'on' else 'μ'} | {CLAIMS[r0.claim]} | {cells} | {ok} |"
-        )
-    lines += [
-        "",
-        "## Error against ∇KL(π_ref‖π_θ) (forward KL), by drift",
-        "",
-        "| variant | " + " | ".join(f"drift {d:g}" for d in drifts) + " |",
-        "|---|" + "---:|" * len(drifts),
-    ]
-    for rs in groups.values():
-        lines.append(
-            f"| {rs[0].label} | "
-            + " | ".join("0 vector" if r.zero_vector else _num(r.err_fkl) for r in rs)
-            + " |"
-        )
-    lines += [
-        "",
-        "## Per-sample variance tr Cov_μ[∇loss(y)] / ‖∇RKL‖², exact, by drift",
-        "",
-        "The variance of a one-sample gradient estimate relative to the squared signal; divide by N for a batch of N.",
-        "",
-        "| variant | " + " | ".join(f"drift {d:g}" for d in drifts) + " |",
-        "|---|" + "---:|" * len(drifts),
-    ]
-    for rs in groups.values():
-        lines.append(f"| {rs[0].label} | " + " | ".join(_num(r.variance) for r in rs) + " |")
+    by_drift = [f"drift {d:g}" for d in drifts]
+    sample = {"on": "π_θ", "off": "μ"}
+    lines.append(tables.markdown(
+        ["variant", "samples", "claim", *by_drift, "holds"],
+        [[rs[0].label, sample[rs[0].policy], CLAIMS[rs[0].claim], *(_err(r) for r in rs),
+          "yes" if all(r.holds for r in rs) else "**NO**"] for rs in groups.values()],
+        "---" + "r" * len(drifts)))
+    lines += ["", "## Error against ∇KL(π_ref‖π_θ) (forward KL), by drift", "",
+              tables.markdown(["variant", *by_drift],
+                              [[rs[0].label, *("0 vector" if r.zero_vector else _num(r.err_fkl) for r in rs)]
+                               for rs in groups.values()], "-" + "r" * len(drifts)),
+              "", "## Per-sample variance tr Cov_μ[∇loss(y)] / ‖∇RKL‖², exact, by drift", "",
+              "The variance of a one-sample gradient estimate relative to the squared signal; divide by N for a "
+              "batch of N.", "",
+              tables.markdown(["variant", *by_drift], [[rs[0].label, *(_num(r.variance) for r in rs)]
+                                                       for rs in groups.values()], "-" + "r" * len(drifts))]
     if any(r.mc_samples for r in rows):
-        n = rows[0].mc_samples
-        lines += [
-            "",
-            f"## Monte Carlo: N = {n} sequences from μ, estimate = mean per-sample gradient",
-            "",
-            "rel. MSE = ‖ĝ_N − ∇RKL‖²/‖∇RKL‖² for one draw (expected value in brackets: bias² + variance/N); "
-            "var = sample tr Cov / ‖∇RKL‖².",
-            "",
-            "| variant | " + " | ".join(f"drift {d:g}: rel. MSE [expected] · var" for d in drifts) + " |",
-            "|---|" + "---:|" * len(drifts),
-        ]
-        for rs in groups.values():
-            cells = " | ".join(
-                f"{_num(r.mc_rel_mse)} [{_num(r.mc_expected_rel_mse)}] · {_num(r.mc_variance)}" for r in rs
-            )
-            lines.append(f"| {rs[0].label} | {cells} |")
-    lines += [
-        "",
-        "## Details",
-        "",
-        "| variant | drift | err RKL | err FKL | cos RKL | cos FKL | c (RKL) | ‖g‖ | ‖∇RKL‖ | ‖∇FKL‖ |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for rs in groups.values():
-        for r in rs:
-            lines.append(
-                f"| {r.label} | {r.drift:g} | {_err(r)} | {_num(r.err_fkl)} | {_fmt_cos(r.cos_rkl)} | "
-                f"{_fmt_cos(r.cos_fkl)} | {r.scale_rkl:.3g} | {r.norm:.3g} | {r.norm_rkl:.3g} | {r.norm_fkl:.3g} |"
-            )
+        lines += ["", f"## Monte Carlo: N = {rows[0].mc_samples} sequences from μ, estimate = mean per-sample gradient",
+                  "", "rel. MSE = ‖ĝ_N − ∇RKL‖²/‖∇RKL‖² for one draw (expected value in brackets: bias² + "
+                  "variance/N); var = sample tr Cov / ‖∇RKL‖².", "",
+                  tables.markdown(["variant", *(f"{d}: rel. MSE [expected] · var" for d in by_drift)],
+                                  [[rs[0].label, *(f"{_num(r.mc_rel_mse)} [{_num(r.mc_expected_rel_mse)}] · "
+                                                   f"{_num(r.mc_variance)}" for r in rs)] for rs in groups.values()],
+                                  "-" + "r" * len(drifts))]
+    details = ["variant", "drift", "err RKL", "err FKL", "cos RKL", "cos FKL", "c (RKL)", "‖g‖", "‖∇RKL‖", "‖∇FKL‖"]
+    lines += ["", "## Details", "", tables.markdown(details, [
+        [r.label, f"{r.drift:g}", _err(r), _num(r.err_fkl), _fmt_cos(r.cos_rkl), _fmt_cos(r.cos_fkl),
+         f"{r.scale_rkl:.3g}", f"{r.norm:.3g}", f"{r.norm_rkl:.3g}", f"{r.norm_fkl:.3g}"]
+        for rs in groups.values() for r in rs], "-" + "r" * 9)]
     return "\n".join(lines) + "\n"
 
 
@@ -601,29 +568,10 @@ def _fmt_cos(x: float | None) -> str:
 
 def text_table(rows: list[Row]) -> str:
     drifts = sorted({r.drift for r in rows})
-    width = max(len(r.label) for r in rows)
-    head = (
-        f"{'variant':<{width}}  {'claim':<11}"
-        + "".join(f"  {'d=' + format(d, 'g'):>22}" for d in drifts)
-        + "  holds"
-    )
-    lines = [head, "-" * len(head)]
-    for rs in _by_variant(rows).values():
-        cells = "".join(f"  {_err(r):>22}" for r in rs)
-        ok = "yes" if all(r.holds for r in rs) else "NO"
-        lines.append(f"{rs[0].label:<{width}}  {CLAIMS[rs[0].claim]:<11}{cells}  {ok}")
-    return "\n".join(lines)
-
-
-def _clean(x):
-    """JSON has no NaN/inf: write them as null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    return x
+    return tables.console(["variant", "claim", *(f"d={d:g}" for d in drifts), "holds"],
+                          [[rs[0].label, CLAIMS[rs[0].claim], *(_err(r) for r in rs),
+                            "yes" if all(r.holds for r in rs) else "NO"] for rs in _by_variant(rows).values()],
+                          "--" + "r" * len(drifts))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -631,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="klbench verify",
-        description="Exact enumeration check of the gradient of every KL estimator/placement (docs/THEORY.md).",
+        description="Exact enumeration check of the gradient of every KL estimator/placement (docs/theory.md).",
     )
     parser.add_argument("--vocab", type=int, default=3, help="tokens V (default 3)")
     parser.add_argument("--steps", type=int, default=4, help="response length T (default 4); V^T responses")
@@ -683,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(rows) - sum(not r.holds for r in rows)}/{len(rows)} rows bear out their claim")
     for label in failed:
         print(f"claim not borne out: {label}")
-    payload = _clean({**header, "rows": [asdict(r) for r in rows]})
+    payload = json_safe({**header, "rows": [asdict(r) for r in rows]})
     json_paths = [args.json] if args.json else []
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

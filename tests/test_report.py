@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -251,9 +252,8 @@ def test_smoothing_and_seed_band():
             status="completed",
             error="",
             wall_s=None,
-            steps=np.array(steps),
-            train={"m": np.array(values, dtype=float)},
-            evals={},
+            train=pd.DataFrame({"m": np.array(values, dtype=float)}, index=pd.Index(steps, name="step")),
+            evals=pd.DataFrame(columns=["step", "metric", "value"]),
         )
 
     steps, mean, lo, hi = report.band([fake([1, 2, 3], [1, 2, 3]), fake([1, 2], [3, 6])], "m")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from klbench import tables
 from klbench.bench.workload import GROUP_SIZE, MAX_NEW_TOKENS, PROMPTS_PER_STEP, TEMPERATURE
 from klbench.config import ModelConfig
 from klbench.data import synthetic
@@ -202,12 +203,11 @@ def render_markdown(report: dict) -> str:
         f"machine: {report['machine_line']}  ",
         f"threads: {report['threads']}; median of {report['reps']} alternating repetitions each",
         "",
-        "| optimisation | the plain alternative | klbench ms | plain ms | saved | predicted (before measuring) |",
-        "|---|---|---:|---:|---:|---|",
+        tables.markdown(["optimisation", "the plain alternative", "klbench ms", "plain ms", "saved",
+                         "predicted (before measuring)"],
+                        [[r["name"], r["plain"], f"{r['ours_ms']:.2f}", f"{r['plain_ms']:.2f}", f"{r['saved_pct']:+.1f}%",
+                          r["predicted"]] for r in report["ablations"]], "--rrr"),
     ]
-    for row in report["ablations"]:
-        lines.append(f"| {row['name']} | {row['plain']} | {row['ours_ms']:.2f} | {row['plain_ms']:.2f} | "
-                     f"{row['saved_pct']:+.1f}% | {row['predicted']} |")
     lines += ["", "Reasoning behind each prediction:", ""]
     lines += [f"- **{row['name']}**: {row['reasoning']}" for row in report["ablations"]]
     return "\n".join(lines) + "\n"

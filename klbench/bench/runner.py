@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from klbench import tables
 from klbench.bench import ablations
 from klbench.bench.klbench_side import run_klbench
 from klbench.bench.trl_side import run_trl, trl_settings
@@ -222,19 +223,14 @@ def render_markdown(report: dict) -> str:
     ]
     if report.get("note"):
         lines += [f"**Note:** {report['note']}", ""]
-    lines += [
-        "| side | s/step min | median | max | samples/s (median) | tokens/step | rollout s | reward s | "
-        "ref fwd s | update s | loop s/step | peak RSS MiB | startup s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for side, v in sides.items():
-        phases = " | ".join(_fmt(v.get(f"{p}_per_step", {}).get("median")) for p in PHASES)
-        lines.append(
-            f"| {side} | {_fmt(v['s_per_step']['min'])} | {_fmt(v['s_per_step']['median'])} | "
-            f"{_fmt(v['s_per_step']['max'])} | {_fmt(v['samples_per_s']['median'], 1)} | "
-            f"{_fmt(v['tokens_per_step']['median'], 0)} | {phases} | "
-            f"{_fmt(v.get('interval_s_per_step', {}).get('median'))} | {_fmt(v['peak_rss_mib']['max'], 0)} | {_fmt(v['startup_s']['median'], 1)} |"
-        )
+    lines.append(tables.markdown(
+        ["side", "s/step min", "median", "max", "samples/s (median)", "tokens/step", "rollout s", "reward s",
+         "ref fwd s", "update s", "loop s/step", "peak RSS MiB", "startup s"],
+        [[side, _fmt(v["s_per_step"]["min"]), _fmt(v["s_per_step"]["median"]), _fmt(v["s_per_step"]["max"]),
+          _fmt(v["samples_per_s"]["median"], 1), _fmt(v["tokens_per_step"]["median"], 0),
+          *(_fmt(v.get(f"{p}_per_step", {}).get("median")) for p in PHASES),
+          _fmt(v.get("interval_s_per_step", {}).get("median")), _fmt(v["peak_rss_mib"]["max"], 0),
+          _fmt(v["startup_s"]["median"], 1)] for side, v in sides.items()]))
     lines.append("")
     for other, r in s["ratios"].items():
         m = s["ratios_of_median_steps"][other]
@@ -261,26 +257,17 @@ def render_markdown(report: dict) -> str:
 
 def print_table(report: dict) -> None:
     s = report["summary"]
-    print(
-        f"\nworkload {report['workload']['name']} ({report['workload']['parameters'] / 1e6:.2f}M params), "
-        f"{report['threads']} threads, {report['steps']} timed steps x {report['reps']} rep(s)"
-    )
-    print(
-        f"  {'side':<10} {'s/step min':>11} {'median':>8} {'max':>8} {'samples/s':>10} {'tok/step':>9} "
-        f"{'peak RSS MiB':>13}"
-    )
-    for side, v in s["sides"].items():
-        print(
-            f"  {side:<10} {v['s_per_step']['min']:>11.3f} {v['s_per_step']['median']:>8.3f} "
-            f"{v['s_per_step']['max']:>8.3f} {v['samples_per_s']['median']:>10.1f} "
-            f"{v['tokens_per_step']['median']:>9.0f} {v['peak_rss_mib']['max']:>13.0f}"
-        )
+    print(tables.console(
+        ["side", "s/step min", "median", "max", "samples/s", "tok/step", "peak RSS MiB"],
+        [[side, f"{v['s_per_step']['min']:.3f}", f"{v['s_per_step']['median']:.3f}", f"{v['s_per_step']['max']:.3f}",
+          f"{v['samples_per_s']['median']:.1f}", f"{v['tokens_per_step']['median']:.0f}", f"{v['peak_rss_mib']['max']:.0f}"]
+         for side, v in s["sides"].items()], "lrrrrrr",
+        title=f"workload {report['workload']['name']} ({report['workload']['parameters'] / 1e6:.2f}M params), "
+              f"{report['threads']} threads, {report['steps']} timed steps x {report['reps']} rep(s)"))
     for other, r in s["ratios"].items():
         m = s["ratios_of_median_steps"][other]
-        print(
-            f"  ratio {other}/klbench s/step: min {r['min']:.3f}  median {r['median']:.3f}  max {r['max']:.3f}"
-            f"   (of median steps: {m['median']:.3f})"
-        )
+        print(f"  ratio {other}/klbench s/step: min {r['min']:.3f}  median {r['median']:.3f}  max {r['max']:.3f}"
+              f"   (of median steps: {m['median']:.3f})")
     if report.get("note"):
         print(f"  note: {report['note']}")
 
