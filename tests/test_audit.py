@@ -55,7 +55,6 @@ def test_presets_exist_for_every_framework_default():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_composes_and_says_what_it_reproduces(name):
-    cli.register()
     cli.prevalidate([f"kl=frameworks/{name}"], multirun=False)
     text = (audit.PRESETS_DIR / f"{name}.yaml").read_text()
     header = "\n".join(itertools.takewhile(lambda ln: ln.startswith("#"), text.splitlines()))

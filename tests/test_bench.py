@@ -193,8 +193,8 @@ def test_short_mode_times_both_sides_and_prints_the_ratio(run_cli, miniature_cac
         (tmp_path / "bench-1m-short.md").read_text().startswith("# klbench vs TRL GRPOTrainer: workload 1m")
     )
     assert report["steps"] == 3 and report["warmup"] == 1 and report["reps"] == 1 and report["threads"] == 1
-    assert len(report["commit"]["commit"]) == 40 or report["commit"]["commit"] == "unknown"
-    assert report["machine"]["logical_cores"] >= 1 and "trl" in report["versions"]
+    assert report["commit"]["commit"] is None or len(report["commit"]["commit"]) == 40
+    assert report["machine"]["cores"] >= 1 and "trl" in report["versions"]
     for side in ("klbench", "trl"):
         run = report["runs"][side][0]
         assert [r["step"] for r in run["steps"]] == [1, 2, 3, 4]

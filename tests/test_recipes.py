@@ -15,7 +15,7 @@ RECIPES = sorted(str(p.relative_to(RECIPE_DIR).with_suffix("")) for p in RECIPE_
 
 #: Shrinks any recipe to one tiny on-CPU step: these keys are what a dry run changes, nothing else.
 DRY = ["hydra.mode=RUN", "trainer.steps=1", "trainer.save_every=0", "trainer.resume=null", "trainer=default",
-       "rollout=hf", "rollout.max_new_tokens=8", "logger=none", "algo.prompts_per_step=2", "algo.group_size=4",
+       "rollout=hf", "rollout.enable_sleep_mode=false", "rollout.max_new_tokens=8", "logger=none", "algo.prompts_per_step=2", "algo.group_size=4",
        "algo.mini_batch_size=4", "trainer.threads=1"]
 
 
