@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from klbench.errors import KlbenchError
+
 AUTO_NAME = "klbench_auto"
 # Lq · Lk up to this (32 × 32) takes the matmul path on CPU; above it SDPA's blocked kernel wins
 # (measured forward and backward on the miniature and the 25M model: results/perf/NOTES.md).
@@ -79,6 +81,4 @@ def apply(model: torch.nn.Module, choice: str) -> None:
         model.set_attn_implementation(name)
     except (ValueError, ImportError, AttributeError) as e:
         if choice != "auto":
-            from klbench.errors import KlbenchError
-
             raise KlbenchError(f"model.attn_implementation={choice!r} is not available for this model: {e}") from e

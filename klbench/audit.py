@@ -35,7 +35,6 @@ rows still run, and the exit code is 1 (the audit can no longer vouch for that f
 
 from __future__ import annotations
 
-import argparse
 import ast
 import datetime
 import importlib
@@ -61,6 +60,7 @@ from omegaconf import OmegaConf
 from klbench import kl as kl_lib
 from klbench import provenance, tables, theory
 from klbench.config import KLConfig
+from klbench.errors import ArgumentParser, writable_dir
 from klbench.ops import aggregate, reverse_cumsum
 from klbench.paths import conf_dir
 from klbench.records import json_safe
@@ -1113,16 +1113,10 @@ def text_table(statuses: list[FrameworkStatus], results: list[CaseResult]) -> st
     return "\n".join(lines + ([""] if lines else []) + [table])
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # one line, no usage dump
-        print(f"klbench: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
     """`klbench audit`: print the table, write DIR/audit.md and DIR/audit.json; exit 1 if a framework broke."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="klbench audit",
         description="Which KL term each RL framework's shipped code optimises, through the exact verifier.",
     )
@@ -1136,6 +1130,8 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(FRAMEWORKS)} (default: all)",
     )
     args = parser.parse_args(argv)
+    if args.out:
+        writable_dir(args.out)
     selected = None
     if args.frameworks:
         selected = [k.strip() for k in args.frameworks.split(",") if k.strip()]

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from klbench.config import ConfigError, composer, register_configs, to_config
+from klbench.config import Config, ConfigError, composer, register_configs, to_config
 from klbench.errors import KlbenchError
 from klbench.paths import conf_dir, register_resolvers
 
@@ -42,8 +42,6 @@ register_resolvers()
 def _section_keys(full_key: str) -> str:
     """The keys allowed next to `full_key` (e.g. 'kl.coeff' → the fields of KLConfig)."""
     import dataclasses
-
-    from klbench.config import Config
 
     node = Config()
     parts = full_key.split(".")[:-1]
@@ -167,7 +165,7 @@ def launcher_overrides(overrides: list[str]) -> list[str]:
 
     Hydra resolves `${now:...}` in each process, and two processes can straddle a second. This joins
     the process group early (run_experiment reuses it) and broadcasts rank 0's resolved
-    hydra.run.dir; ranks > 0 leave the `.hydra/` record to rank 0.
+    hydra.run.dir.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return []
@@ -181,7 +179,7 @@ def launcher_overrides(overrides: list[str]) -> list[str]:
         with composer() as compose:
             run_dir[0] = compose(overrides, hydra=True).hydra.run.dir
     dist.broadcast_object_list(run_dir, src=0)
-    return [f"hydra.run.dir={run_dir[0]}"] + (["hydra.output_subdir=null"] if dist.get_rank() > 0 else [])
+    return [f"hydra.run.dir={run_dir[0]}"]
 
 
 # -- hydra tasks --------------------------------------------------------------------------------
@@ -198,37 +196,62 @@ def _job_context():
     return run_dir, sweep, tags, multirun
 
 
+def unexpected(e: BaseException) -> str:
+    """The one line an unexpected exception becomes (KLBENCH_DEBUG=1 shows the traceback instead)."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return (f"{type(e).__name__}: {first} (an unexpected error: please report it; KLBENCH_DEBUG=1 prints "
+            "the traceback)")
+
+
 def _job(what: str, work, dcfg):
-    """Run one Hydra job; a known failure is one line (in a sweep: listed, and the sweep goes on)."""
+    """Run one Hydra job; a failure is one line (in a sweep: listed, and the sweep goes on)."""
     run_dir, sweep, tags, multirun = _job_context()
     try:
-        return work(to_config(dcfg), run_dir, sweep, tags)
+        return work(to_config(dcfg), run_dir, sweep, tags, lambda d: write_hydra_record(d, dcfg))
     except (KlbenchError, ConfigError) as e:
         if multirun:  # one failed job must not stop the sweep; it is listed at the end and by `report`
             print(f"klbench: {what} {run_dir.name} failed: {e}", file=sys.stderr)
             return None
         fail(str(e), code=1)
     except Exception as e:
+        if os.environ.get("KLBENCH_DEBUG"):
+            raise
         if multirun:
             import traceback
 
             (run_dir / "error.log").write_text(traceback.format_exc())
-            print(f"klbench: {what} {run_dir.name} failed: {type(e).__name__}: {e} (see {run_dir / 'error.log'})",
+            print(f"klbench: {what} {run_dir.name} failed: {unexpected(e)} (see {run_dir / 'error.log'})",
                   file=sys.stderr)
             return None
-        raise
+        fail(unexpected(e), code=1)
 
 
-def _train(cfg, run_dir, sweep, tags):
+def write_hydra_record(run_dir: Path, dcfg) -> None:
+    """`.hydra/` (config, hydra, overrides), as Hydra writes it, once the job owns its directory: Hydra's own
+    write (hydra.output_subdir) is off so that a refused job leaves an existing run directory as it was."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    hc = HydraConfig.get()
+    out = run_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(dcfg, out / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hc, resolve=False)}), out / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), out / "overrides.yaml")
+
+
+def _train(cfg, run_dir, sweep, tags, record):
     from klbench.evaluate import training_evaluator
     from klbench.train.run import run_experiment
 
-    return run_experiment(cfg, run_dir, sweep=sweep, tags=tags, make_evaluator=training_evaluator(cfg, run_dir))
+    return run_experiment(cfg, run_dir, sweep=sweep, tags=tags, make_evaluator=training_evaluator(cfg, run_dir),
+                          on_start=record)
 
 
-def _evaluate(cfg, run_dir, sweep, tags):
+def _evaluate(cfg, run_dir, sweep, tags, record):
     from klbench.evaluate import evaluate_model
 
+    record(run_dir)
     return evaluate_model(cfg, run_dir)
 
 
@@ -261,36 +284,52 @@ def hydra_app(task, argv: list[str], prog: str, config_name: str = "config") -> 
 
 
 # -- entry point --------------------------------------------------------------------------------
+def _command(cmd: str, rest: list[str]) -> int | None:
+    if cmd == "run":
+        return hydra_app(run_task, rest, "klbench run")
+    if cmd == "eval":
+        return hydra_app(eval_task, rest, "klbench eval")
+    if cmd == "verify":
+        from klbench.theory import main as verify_main
+
+        return verify_main(rest)
+    if cmd == "audit":
+        from klbench.audit import main as audit_main
+
+        return audit_main(rest)
+    if cmd == "report":
+        from klbench.report import main as report_main
+
+        return report_main(rest)
+    if cmd == "bench":
+        from klbench.bench.runner import main as bench_main
+
+        return bench_main(rest)
+    print(USAGE, file=sys.stderr)
+    fail(f"unknown command {cmd!r}; commands: run, eval, verify, audit, report, bench")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The error boundary of every command: a known failure is one line; anything else is one line too
+    unless KLBENCH_DEBUG=1 asks for the traceback. Exit status 2: usage, 1: the work failed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("KLBENCH_LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "run":
-        hydra_app(run_task, rest, "klbench run")
-    elif cmd == "eval":
-        hydra_app(eval_task, rest, "klbench eval")
-    elif cmd == "verify":
-        from klbench.theory import main as verify_main
-
-        raise SystemExit(verify_main(rest))
-    elif cmd == "audit":
-        from klbench.audit import main as audit_main
-
-        raise SystemExit(audit_main(rest))
-    elif cmd == "report":
-        from klbench.report import main as report_main
-
-        raise SystemExit(report_main(rest))
-    elif cmd == "bench":
-        from klbench.bench.runner import main as bench_main
-
-        raise SystemExit(bench_main(rest))
-    else:
-        print(USAGE, file=sys.stderr)
-        fail(f"unknown command {cmd!r}; commands: run, eval, verify, audit, report, bench")
+    try:
+        code = _command(argv[0], argv[1:])
+    except (KlbenchError, ConfigError) as e:
+        fail(str(e), code=1)
+    except KeyboardInterrupt:
+        print("klbench: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if os.environ.get("KLBENCH_DEBUG"):
+            raise
+        fail(unexpected(e), code=1)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

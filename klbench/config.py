@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from klbench.errors import KlbenchError
+from klbench.paths import conf_dir, register_resolvers
 
 
 class Choice(str, Enum):
@@ -57,6 +58,14 @@ AnswerFormat = _choices("AnswerFormat", "plain gsm8k boxed")
 OnBadRow = _choices("OnBadRow", "error skip")
 Template = _choices("Template", "raw plain chat")
 WandbMode = _choices("WandbMode", "auto online offline disabled")
+
+
+#: Keys a resumed run may change (prefixes of dotted keys): they change how a run is watched, logged,
+#: checkpointed or sped up, not the experiment. Any other difference needs trainer.resume_allow_changes.
+RESUMABLE = ("trainer.steps", "trainer.resume", "trainer.save_every", "trainer.keep_last", "trainer.log_every",
+             "trainer.samples_per_log", "trainer.threads", "logger.", "eval.", "name", "rollout.check_logprobs",
+             "rollout.max_logprob_mismatch", "rollout.kv_cache_gib", "rollout.gpu_memory_utilization",
+             "rollout.enforce_eager", "rollout.enable_sleep_mode")
 
 
 class ConfigError(KlbenchError, ValueError):
@@ -301,7 +310,9 @@ class TrainerConfig:
     samples_per_log: int = 4  # sampled generations written to samples.jsonl per logged step
     save_every: int = 0  # checkpoint every N steps (0: only the final policy)
     keep_last: int = 2
-    resume: str | None = None  # auto | path to a checkpoint
+    resume: str | None = None  # auto | path to a checkpoint (or to a run directory: its latest)
+    # keys a resume may change although they change the experiment (docs/reliability.md), e.g. [kl.coef]
+    resume_allow_changes: list[str] = field(default_factory=list)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
@@ -370,6 +381,23 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_finite(self, "")
+        keys = flatten(self)
+        for key in self.trainer.resume_allow_changes:
+            _check(key in keys, "trainer", "resume_allow_changes", key,
+                   "each entry must be a config key, e.g. kl.coef or algo.group_size")
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """A config (dataclass) as dotted keys -> values, dict-valued settings kept whole: what a checkpoint
+    records of its run and a resume compares with."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            out.update({f"{f.name}.{k}": v for k, v in flatten(value).items()})
+        else:
+            out[f.name] = value.value if isinstance(value, Enum) else value
+    return out
 
 
 def _check_finite(node: Any, prefix: str) -> None:
@@ -386,8 +414,6 @@ def register_configs() -> None:
     """Put the schemas into Hydra's ConfigStore and the config tree's resolvers into OmegaConf (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
-    from klbench.paths import register_resolvers
-
     ConfigStore.instance().store(name="base_config", node=Config)
     register_resolvers()
 
@@ -402,8 +428,6 @@ def composer(config_dir: str | None = None, config_name: str = "config"):
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from klbench.paths import conf_dir
 
     register_configs()
     extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
@@ -423,8 +447,6 @@ def to_config(cfg: Any) -> Config:
     """Composed DictConfig → validated `Config` objects (raises ConfigError on a bad value)."""
     from omegaconf import OmegaConf
 
-    from klbench.paths import register_resolvers
-
     register_resolvers()
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)
@@ -435,8 +457,6 @@ def load_preset(path: Path, schema: type, key: str) -> Any:
     """One group preset (e.g. conf/data/gsm8k.yaml) as a validated `schema` object; `key` names it in errors."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-
-    from klbench.paths import register_resolvers
 
     register_resolvers()
     try:

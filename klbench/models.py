@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
+from klbench import attention
 from klbench.config import ModelConfig
 from klbench.errors import KlbenchError
 from klbench.paths import cache_root
+from klbench.sft import train_miniature
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +109,6 @@ def miniature_dir(cfg: ModelConfig, seed: int = 0) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "klbench_sft.json").exists():  # another process built it meanwhile
             return target
-        from klbench.sft import train_miniature
-
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.perf_counter()
@@ -126,8 +126,45 @@ def miniature_dir(cfg: ModelConfig, seed: int = 0) -> Path:
 
 
 def resolve_model_dir(cfg: ModelConfig, seed: int = 0) -> str:
-    """The directory or hub id the policy is loaded from."""
-    return str(miniature_dir(cfg)) if cfg.name_or_path is None else cfg.name_or_path
+    """The directory or hub id the policy is loaded from (a local directory is checked now)."""
+    if cfg.name_or_path is None:
+        return str(miniature_dir(cfg))
+    check_model_path(cfg.name_or_path)
+    return cfg.name_or_path
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id ('org/name'): absolute, relative with ./ or ~, or more than one '/'."""
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name).exists()
+
+
+def check_model_path(name: str) -> None:
+    """One line for a local model path that cannot hold a model: missing, a file, empty, no config.json."""
+    if not _looks_local(name):
+        return
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise KlbenchError(f"model.name_or_path={name!r}: no such directory")
+    if not path.is_dir():
+        raise KlbenchError(f"model.name_or_path={name!r} is a file; it must be a Hugging Face model directory "
+                           "(config.json, weights, tokenizer files)")
+    if not any(path.iterdir()):
+        raise KlbenchError(f"model.name_or_path={name!r} is an empty directory; point it at a Hugging Face model "
+                           "directory (config.json, weights, tokenizer files)")
+    if not (path / "config.json").is_file():
+        raise KlbenchError(f"model.name_or_path={name!r} has no config.json: not a Hugging Face model directory")
+
+
+def context_length(path: str, cfg: ModelConfig) -> int | None:
+    """The model's context (`max_position_embeddings` of its config), None if it does not say."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise KlbenchError(_load_hint(path, e)) from e
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
 
 
 def _torch_dtype(name: str, device: torch.device):
@@ -141,7 +178,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a broken tokenizer file raises anything; say which model
         raise KlbenchError(_load_hint(path, e)) from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -155,10 +192,8 @@ def load_causal_lm(path: str, cfg: ModelConfig, device: torch.device, trainable:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=_torch_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
         )
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - truncated or garbage weights raise safetensors' own errors
         raise KlbenchError(_load_hint(path, e)) from e
-    from klbench import attention
-
     attention.apply(model, cfg.attn_implementation)
     model.to(device)
     if trainable:
@@ -176,9 +211,12 @@ def load_causal_lm(path: str, cfg: ModelConfig, device: torch.device, trainable:
 
 def _load_hint(path: str, err: Exception) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if Path(path).exists():
-        return f"cannot load model from {path!r}: {first}"
+    if _looks_local(path):
+        weights = sorted(p.name for p in Path(path).expanduser().glob("*.safetensors")) if Path(path).is_dir() else []
+        where = f" (weights: {', '.join(weights)})" if weights else ""
+        return f"cannot load the model in {path}{where}: {type(err).__name__}: {first[:300]}"
     return (
-        f"cannot load model {path!r}: not a local directory, and the hub is unreachable or has no such model "
-        f"({first}); download it first (huggingface-cli download {path}) or set model.name_or_path to a local dir"
+        f"cannot load model {path!r}: no such local directory, and the hub has no such model or cannot be "
+        f"reached ({first[:200]}); download it where the hub is reachable (huggingface-cli download {path}) "
+        "or set model.name_or_path to a local model directory"
     )

@@ -32,6 +32,7 @@ import pandas as pd
 import yaml
 
 from klbench import tables
+from klbench.errors import ArgumentParser, writable_dir
 from klbench.provenance import git_info, machine_info
 from klbench.records import WINDOW_FRACTION, is_train_row, json_safe, read_jsonl, window_size
 from klbench.train.sweep import expand_jobs
@@ -92,6 +93,9 @@ class Run:
             return self.status + (f": {self.error}" if self.error else "")
         if not self.has_metrics:
             return "completed but logged no training metrics (no metrics.jsonl rows)"
+        steps = (self.config.get("trainer") or {}).get("steps")
+        if isinstance(steps, int) and int(self.train.index[-1]) < steps:
+            return f"incomplete: status completed, but its last logged step is {int(self.train.index[-1])} of {steps}"
         return None
 
     def eval_series(self, metric: str) -> pd.Series:
@@ -605,7 +609,7 @@ def readme(manifest: dict, table: str, files: list[str]) -> str:
 
 # -- the command -------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="klbench report", description="Turn klbench sweep directories into a table (md, csv), PNG plots and a manifest.",
         epilog="example: klbench report multirun/2026-11-24/22-00-00 --out results/kl_variants")
     p.add_argument("sweeps", nargs="+", type=Path, metavar="SWEEP_DIR",
@@ -668,8 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = variant_stats(variants, metrics, args.window, args.include_failed)
     notes = exclusion_lines(runs, missing, args.include_failed)
 
-    out = args.out or Path("results") / sweeps[0].name
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(args.out or Path("results") / sweeps[0].name)
     table = markdown_table(stats, metrics, args.window, notes, args.include_failed)
     (out / "table.md").write_text(table)
     stats.to_csv(out / "table.csv", index=False, lineterminator="\r\n")

@@ -326,7 +326,12 @@ def custom_reward(spec: str) -> RewardFn:
         pass
 
     def score(completion: str, finished: bool, example: Example) -> Scored:
-        out = fn(completion, finished, example)
+        try:
+            out = fn(completion, finished, example)
+        except Exception as e:  # noqa: BLE001 - the user's code: name it, the example and the error
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise KlbenchError(f"data.reward={spec!r} raised {type(e).__name__}: {first} on example {example.id!r}; "
+                               "fix the function (klbench passes (completion, finished, example))") from e
         if isinstance(out, Scored):
             return out
         if isinstance(out, (bool, int, float)):

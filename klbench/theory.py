@@ -24,7 +24,6 @@ results/theory.md and the numbers in docs/theory.md come from `klbench verify --
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import itertools
 import json
@@ -41,6 +40,7 @@ from torch.func import grad, vmap
 import klbench
 import klbench.kl as kl
 from klbench import tables
+from klbench.errors import ArgumentParser, writable_dir
 from klbench.ops import aggregate
 from klbench.records import json_safe
 
@@ -577,7 +577,7 @@ def text_table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """`klbench verify`: print the table, optionally write JSON/Markdown; exit 1 if a claim fails."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="klbench verify",
         description="Exact enumeration check of the gradient of every KL estimator/placement (docs/theory.md).",
     )
@@ -596,7 +596,10 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, metavar="DIR", help="write DIR/theory.md and DIR/theory.json"
     )
     args = parser.parse_args(argv)
-
+    if args.out:
+        writable_dir(args.out)
+    if args.json:
+        writable_dir(args.json.parent, "--json")
     if args.samples < 0:
         parser.error(f"--samples must be >= 0, got {args.samples}")
     try:

@@ -44,6 +44,7 @@ from klbench.bench.workload import (
     model_info,
     peak_rss_bytes,
 )
+from klbench.errors import ArgumentParser, writable_dir
 from klbench.provenance import git_info, machine_info
 
 INSTALL_HINT = "klbench bench needs TRL and psutil, which are not installed: pip install -e '.[bench]'"
@@ -575,7 +576,7 @@ def bench_ablations(argv, args, workload: Workload, model_dir: Path) -> Path:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="klbench bench",
         description="klbench vs TRL GRPOTrainer on identical work "
         "(each side in its own subprocess, alternating A B A B).",
@@ -659,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    writable_dir(args.out)
     needs_trl = not (args.engine_overhead or args.profile or args.ablations)
     if needs_trl and (importlib.util.find_spec("trl") is None or importlib.util.find_spec("psutil") is None):
         print(f"klbench: error: {INSTALL_HINT}", file=sys.stderr)

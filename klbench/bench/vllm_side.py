@@ -19,6 +19,7 @@ from klbench.bench.workload import (
 from klbench.data import build_task
 from klbench.models import load_tokenizer
 from klbench.rollout.base import SamplingParams
+from klbench.rollout.vllm import VLLMEngine
 
 
 def run_vllm(spec: WorkerSpec) -> dict:
@@ -31,8 +32,6 @@ def run_vllm(spec: WorkerSpec) -> dict:
     pad, eos, n, new = tokenizer.pad_token_id, tokenizer.eos_token_id, GROUP_SIZE, spec.new_tokens
     kv_bytes = int(cfg.rollout.kv_cache_gib * 2**30)
     if spec.side == "vllm-engine":
-        from klbench.rollout.vllm import VLLMEngine
-
         engine = VLLMEngine(
             spec.model_dir,
             pad_id=pad,

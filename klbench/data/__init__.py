@@ -20,6 +20,7 @@ import numpy as np
 from klbench.config import DataConfig
 from klbench.data import prompts, synthetic
 from klbench.data.example import Example
+from klbench.data.sources import load_examples
 from klbench.errors import KlbenchError
 
 #: Held-out problems of the synthetic task when eval.limit is null.
@@ -71,29 +72,35 @@ class Task:
         return prompts.encode(self.prompt(ex), self.cfg.prompt, self.tokenizer)
 
 
-def _drop_long(task: Task) -> Task:
-    """Apply data.max_prompt_tokens to a dataset task's rows."""
-    limit = task.cfg.max_prompt_tokens
-    if limit is None or task.rows is None:
+def _check_lengths(task: Task, max_tokens: int | None) -> Task:
+    """Drop prompts longer than data.max_prompt_tokens; refuse, naming the row, one that cannot fit the model."""
+    if task.rows is None:
         return task
-    kept = [ex for ex in task.rows if len(task.encode(ex)) <= limit]
-    if not kept:
+    lengths = [len(task.encode(ex)) for ex in task.rows]
+    limit = task.cfg.max_prompt_tokens
+    if limit is not None:
+        task.rows = [ex for ex, n in zip(task.rows, lengths) if n <= limit]
+        if not task.rows:
+            raise KlbenchError(f"{task.name}: no prompt is at most data.max_prompt_tokens={limit} tokens long; raise it")
+        lengths = [n for n in lengths if n <= limit]
+    if max_tokens is not None and lengths and max(lengths) > max_tokens:
+        i = lengths.index(max(lengths))
         raise KlbenchError(
-            f"{task.name}: no prompt is at most data.max_prompt_tokens={limit} tokens long; raise it"
+            f"{task.name}: the prompt of row {task.rows[i].id} is {lengths[i]} tokens, more than the model's context "
+            f"leaves beside rollout.max_new_tokens ({max_tokens}); set data.max_prompt_tokens to drop such rows"
         )
-    task.rows = kept
     return task
 
 
-def build_task(cfg: DataConfig, tokenizer, seed: int) -> Task:
-    """The training task of `cfg` (all rows loaded and checked now)."""
+def build_task(cfg: DataConfig, tokenizer, seed: int, *, rows: list[Example] | None = None,
+               max_tokens: int | None = None) -> Task:
+    """The training task of `cfg` (all rows loaded and checked now; `rows`: already loaded ones).
+    `max_tokens`: the longest prompt the model can take (its context minus the new tokens)."""
     prompts.check(cfg.prompt, tokenizer)
     if cfg.source == "synthetic":
         return Task(cfg.name, cfg, seed, tokenizer)
-    from klbench.data.sources import load_examples
-
-    rows = load_examples(cfg, cfg.split)
-    task = _drop_long(Task(cfg.name, cfg, seed, tokenizer, rows))
+    rows = load_examples(cfg, cfg.split) if rows is None else rows
+    task = _check_lengths(Task(cfg.name, cfg, seed, tokenizer, list(rows)), max_tokens)
     if cfg.shuffle:
         perm = np.random.default_rng([seed, _SUBSET_STREAM]).permutation(len(task.rows))
         task.rows = [task.rows[i] for i in perm]
@@ -111,9 +118,7 @@ def build_eval_task(cfg: DataConfig, tokenizer, seed: int, limit: int | None) ->
     if cfg.source == "synthetic":
         rows = synthetic.problems(seed, synthetic.EVAL_STREAM, limit or SYNTHETIC_EVAL_SIZE)
         return Task(cfg.name, cfg, seed, tokenizer, rows)
-    from klbench.data.sources import load_examples
-
-    task = _drop_long(Task(cfg.name, cfg, seed, tokenizer, load_examples(cfg, cfg.eval_split or cfg.split)))
+    task = _check_lengths(Task(cfg.name, cfg, seed, tokenizer, load_examples(cfg, cfg.eval_split or cfg.split)), None)
     task.rows = task.rows[:limit] if limit is not None else task.rows
     return task
 

