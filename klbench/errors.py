@@ -13,10 +13,10 @@ class KlbenchError(RuntimeError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a usage mistake as one line `klbench: error: <prog>: ...` and exit status 2."""
+    """argparse, with a usage mistake as one line `klbench: error: ...` and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"klbench: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        print(f"klbench: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
 

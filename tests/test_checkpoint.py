@@ -109,6 +109,10 @@ def test_checkpoint_of_another_model_is_rejected(run_cli, checkpointed_run, tmp_
     ckpt = checkpointed_run / "checkpoints" / "step_000002"
     proc = run_cli("run", *ARGS, "trainer.steps=3", f"model.name_or_path={other}", f"trainer.resume={ckpt}",
                    f"hydra.run.dir={tmp_path / 'r'}", check=False)
+    assert proc.returncode == 1 and "with a different experiment (model.name_or_path:" in proc.stderr  # before loading
+    # allowed to change the path, the model itself is still checked against the checkpoint's fingerprint
+    proc = run_cli("run", *ARGS, "trainer.steps=3", f"model.name_or_path={other}", f"trainer.resume={ckpt}",
+                   "trainer.resume_allow_changes=[model.name_or_path]", f"hydra.run.dir={tmp_path / 'r2'}", check=False)
     assert proc.returncode == 1
     assert "was made for a different model" in proc.stderr and "hidden_size: checkpoint 128 vs model 64" in proc.stderr
 
@@ -116,5 +120,5 @@ def test_checkpoint_of_another_model_is_rejected(run_cli, checkpointed_run, tmp_
 def test_existing_run_dir_is_not_overwritten(run_cli, checkpointed_run):
     before = (checkpointed_run / "metrics.jsonl").read_text()
     proc = run_cli("run", *ARGS, "trainer.steps=2", f"hydra.run.dir={checkpointed_run}", check=False)
-    assert proc.returncode == 1 and "already holds a run" in proc.stderr
+    assert proc.returncode == 1 and "holds a run" in proc.stderr and "trainer.resume=auto" in proc.stderr
     assert (checkpointed_run / "metrics.jsonl").read_text() == before

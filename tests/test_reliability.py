@@ -305,7 +305,8 @@ def test_8_a_prompt_longer_than_the_context_is_refused_before_the_model_loads(mi
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"question": "1" * 4_000_000, "answer": "2"}) + "\n")
     t0 = time.time()
-    one_line_error(_data_run(run_cli, path, tmp_path), 1, "the prompt of row 0 is", "data.max_prompt_tokens")
+    one_line_error(_data_run(run_cli, path, tmp_path), 1, "no prompt fits: the longest, row 0, is",
+                   "data.max_prompt_tokens")
     assert time.time() - t0 < 120
 
 

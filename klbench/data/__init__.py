@@ -13,6 +13,7 @@ cut to `eval.limit`, so every seed and every checkpoint is evaluated on the same
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,8 @@ from klbench.data import prompts, synthetic
 from klbench.data.example import Example
 from klbench.data.sources import load_examples
 from klbench.errors import KlbenchError
+
+log = logging.getLogger(__name__)
 
 #: Held-out problems of the synthetic task when eval.limit is null.
 SYNTHETIC_EVAL_SIZE = 500
@@ -73,22 +76,28 @@ class Task:
 
 
 def _check_lengths(task: Task, max_tokens: int | None) -> Task:
-    """Drop prompts longer than data.max_prompt_tokens; refuse, naming the row, one that cannot fit the model."""
+    """Drop prompts longer than data.max_prompt_tokens, and (with a warning) those the model cannot take
+    (`max_tokens`: its context beside the new tokens); none left is an error naming the longest."""
     if task.rows is None:
         return task
-    lengths = [len(task.encode(ex)) for ex in task.rows]
     limit = task.cfg.max_prompt_tokens
-    if limit is not None:
-        task.rows = [ex for ex, n in zip(task.rows, lengths) if n <= limit]
-        if not task.rows:
-            raise KlbenchError(f"{task.name}: no prompt is at most data.max_prompt_tokens={limit} tokens long; raise it")
-        lengths = [n for n in lengths if n <= limit]
-    if max_tokens is not None and lengths and max(lengths) > max_tokens:
-        i = lengths.index(max(lengths))
-        raise KlbenchError(
-            f"{task.name}: the prompt of row {task.rows[i].id} is {lengths[i]} tokens, more than the model's context "
-            f"leaves beside rollout.max_new_tokens ({max_tokens}); set data.max_prompt_tokens to drop such rows"
-        )
+    lengths = [len(task.encode(ex)) for ex in task.rows]
+    fits = [ex for ex, n in zip(task.rows, lengths) if (limit is None or n <= limit)
+            and (max_tokens is None or n <= max_tokens)]
+    too_long = [ex.id for ex, n in zip(task.rows, lengths) if max_tokens is not None and n > max_tokens
+                and (limit is None or n <= limit)]
+    if not fits:
+        n, ex = max(zip(lengths, task.rows), key=lambda t: t[0])
+        bound = f"data.max_prompt_tokens={limit}" if limit is not None and n > limit else \
+            f"the model's context beside rollout.max_new_tokens ({max_tokens})"
+        raise KlbenchError(f"{task.name}: no prompt fits: the longest, row {ex.id}, is {n} tokens, more than {bound}; "
+                           "raise data.max_prompt_tokens, lower rollout.max_new_tokens or use a model with a longer "
+                           "context")
+    if too_long:
+        log.warning("%s: dropped %d prompt(s) longer than the model's context beside rollout.max_new_tokens "
+                    "(%d tokens), e.g. row %s; set data.max_prompt_tokens to choose the bound", task.name,
+                    len(too_long), max_tokens, too_long[0])
+    task.rows = fits
     return task
 
 
