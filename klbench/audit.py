@@ -1,36 +1,13 @@
 """`klbench audit`: which KL term does each RL framework's *shipped* code optimise?
 
-For every framework whose package is installed (the `audit` extra, installed with --no-deps),
-the audit loads the framework's own KL function from the installed files, never a copy kept
-here, wires it as that framework wires it, and runs it through the exact verifier of
-klbench.theory (tabular policies, every response enumerated, float64 parameters):
-
-* in the reward: the framework's value on the detached rollout log-probs (`old_log_probs`),
-  summed to go (PPO/GAE with γ = λ = 1, REINFORCE++) and carried by the score function,
-  Σ_t sg(c_t)·log π(y_t);
-* as a loss: the framework's value differentiated, reduced with the framework's aggregation.
-
-Each row reports the expected gradient against ∇KL(π_θ‖π_ref) (RKL) and ∇KL(π_ref‖π_θ) (FKL) at
-three drifts (scale-invariant error, klbench.theory.compare), the error off-policy (samples from a
-shifted behaviour policy μ, its log-probs passed where the framework takes them), the exact
-per-sample variance, the region of log-ratios u = log π − log π_ref where a clamp zeroes the
-gradient (loss) or freezes the value (reward), and whether value and gradient stay finite for
-|u| ≤ 100 in float32 and bfloat16.
-
-NeMo-RL, slime and ROLL publish no usable package: their rows run klbench presets
-(conf/kl/frameworks/) that re-implement the semantics of their published source, and say so.
-
-How the frameworks are loaded (none runs its package's `__init__`, which pulls ray, vLLM, ...):
-* TRL: a plain import; `GRPOTrainer._compute_loss` runs with a small stand-in `self`.
-* OpenRLHF: `openrlhf/models/utils.py` executed from its installed file, with a stand-in
-  `deepspeed` module (imported there for a helper the audit does not call).
-* verl, skyrl-train, AReaL: the named top-level definitions of the installed source file are
-  executed with torch in scope (decorators kept: skyrl-train's `@torch.no_grad()` stays on); their
-  modules import packages (tensordict, ray, jaxtyping, ...) that --no-deps leaves out.
-
-A framework that is not installed gives one line and is skipped (exit 0); an installed one whose
-symbol moved or changed signature gives one line naming framework, version and symbol, the other
-rows still run, and the exit code is 1 (the audit can no longer vouch for that framework).
+For every framework whose package is installed (the `audit` extra, `--no-deps`), its own KL function
+is loaded from the installed files (never a copy kept here, never through the package's heavy
+`__init__`), wired as the framework wires it (in the reward: its value on the rollout log-probs,
+summed to go and carried by the score function; as a loss: differentiated with its aggregation) and
+run through klbench.theory's exact verifier. NeMo-RL, slime and ROLL ship no usable package: their rows
+run klbench presets re-implementing their published source. A framework that is not installed is
+one line and skipped; one whose symbol moved is one line naming it, and the exit status is 1.
+docs/audit.md describes each row's measurements and how each framework is loaded.
 """
 
 from __future__ import annotations
@@ -178,15 +155,11 @@ def _load_verl() -> types.ModuleType:
 
 def _load_openrlhf() -> types.ModuleType:
     stand_in = types.ModuleType("deepspeed")  # utils.py imports deepspeed for a helper the audit never calls
-    module = exec_module_file(
-        "openrlhf", "openrlhf/models/utils.py", "klbench_audit_openrlhf", {"deepspeed": stand_in}
-    )
+    module = exec_module_file("openrlhf", "openrlhf/models/utils.py", "klbench_audit_openrlhf",
+        {"deepspeed": stand_in})
     fn = _symbol(module, "compute_approx_kl", "compute_approx_kl")
-    _check_params(
-        fn,
-        "compute_approx_kl",
-        ["log_probs", "log_probs_base", "log_probs_old", "kl_estimator", "unbiased_gradient"],
-    )
+    _check_params(fn, "compute_approx_kl",
+        ["log_probs", "log_probs_base", "log_probs_old", "kl_estimator", "unbiased_gradient"])
     return module
 
 
@@ -201,15 +174,8 @@ def _load_trl() -> types.ModuleType:
     _symbol(grpo, "GRPOTrainer._compute_loss", "GRPOTrainer._compute_loss")
     _check_params(grpo.GRPOTrainer._compute_loss, "GRPOTrainer._compute_loss", ["self", "model", "inputs"])
     fields = getattr(_symbol(config, "GRPOConfig", "GRPOConfig"), "__dataclass_fields__", {})
-    wanted = (
-        "beta",
-        "use_bias_correction_kl",
-        "importance_sampling_level",
-        "loss_type",
-        "epsilon",
-        "epsilon_high",
-        "delta",
-    )
+    wanted = ("beta", "use_bias_correction_kl", "importance_sampling_level", "loss_type", "epsilon",
+        "epsilon_high", "delta")
     missing = [k for k in wanted if k not in fields]
     if missing:
         raise FrameworkBroken(f"GRPOConfig has no field {', '.join(missing)}")
@@ -221,11 +187,8 @@ def _load_trl() -> types.ModuleType:
 
 def _load_skyrl() -> types.ModuleType:
     module = exec_definitions("skyrl-train", "skyrl_train/utils/ppo_utils.py", ["compute_approx_kl"])
-    _check_params(
-        module.compute_approx_kl,
-        "compute_approx_kl",
-        ["log_probs", "log_probs_base", "loss_mask", "kl_estimator_type"],
-    )
+    _check_params(module.compute_approx_kl, "compute_approx_kl",
+        ["log_probs", "log_probs_base", "loss_mask", "kl_estimator_type"])
     return module
 
 
@@ -273,9 +236,8 @@ def _verl_loss(name: str) -> Callable[[Any], LossFn]:
     def make(m):
         # verl/workers/utils/losses.py: kld = kl_penalty(log_prob, ref_log_prob, kl_loss_type);
         # agg_loss(kld, response_mask, loss_agg_mode="token-mean" by default)
-        return lambda lp, ref, old, mask: aggregate(
-            m.kl_penalty(lp, ref, kl_penalty=name), mask, "token_mean"
-        )
+        return lambda lp, ref, old, mask: aggregate(m.kl_penalty(lp, ref, kl_penalty=name), mask,
+            "token_mean")
 
     return make
 
@@ -290,9 +252,8 @@ def _openrlhf_loss(estimator: str, unbiased: bool = False) -> Callable[[Any], Lo
         # openrlhf/trainer/ray/ppo_actor.py: compute_approx_kl(action_log_probs, base, log_probs_old=old, ...)
         # then aggregate_loss over the action mask (actor.loss_agg_mode default token-mean)
         def fn(lp, ref, old, mask):
-            kl = m.compute_approx_kl(
-                lp, ref, log_probs_old=old, kl_estimator=estimator, unbiased_gradient=unbiased
-            )
+            kl = m.compute_approx_kl(lp, ref, log_probs_old=old, kl_estimator=estimator,
+                unbiased_gradient=unbiased)
             return aggregate(kl, mask, "token_mean")
 
         return fn
@@ -316,9 +277,8 @@ class _TRLSelf:
         self.importance_sampling_level = cfg["importance_sampling_level"]
         self.epsilon_low = cfg["epsilon"]
         self.epsilon_high = cfg["epsilon_high"] if cfg["epsilon_high"] is not None else cfg["epsilon"]
-        self.args = types.SimpleNamespace(
-            use_bias_correction_kl=cfg["use_bias_correction_kl"], delta=cfg["delta"], steps_per_generation=1
-        )
+        self.args = types.SimpleNamespace(use_bias_correction_kl=cfg["use_bias_correction_kl"],
+            delta=cfg["delta"], steps_per_generation=1)
         self.top_entropy_quantile = 1.0
         self.off_policy_mask_threshold = None
         self.use_vllm = False
@@ -328,13 +288,8 @@ class _TRLSelf:
         self.max_completion_length = logp.shape[1]
         self.current_gradient_accumulation_steps = 1
         self.model = types.SimpleNamespace(training=True)
-        self.accelerator = types.SimpleNamespace(
-            num_processes=1,
-            sync_gradients=True,
-            gather=lambda x: x,
-            gather_for_metrics=lambda x: x,
-            reduce=lambda x, reduction="sum": x,
-        )
+        self.accelerator = types.SimpleNamespace(num_processes=1, sync_gradients=True, gather=lambda x: x,
+            gather_for_metrics=lambda x: x, reduce=lambda x, reduction="sum": x)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, **kwargs):
@@ -396,9 +351,8 @@ def _preset_loss(name: str, agg: str, behaviour: bool = True) -> Callable[[Any],
 
     def make(_):
         spec = load_preset(name)
-        return lambda lp, ref, old, mask: spec.loss(
-            lp, ref, mask, behaviour_logp=old if behaviour else None, agg=agg
-        )
+        return lambda lp, ref, old, mask: spec.loss(lp, ref, mask, behaviour_logp=old if behaviour else None,
+            agg=agg)
 
     return make
 
@@ -407,49 +361,19 @@ FRAMEWORKS: dict[str, Framework] = {
     f.key: f
     for f in (
         Framework("verl", "verl", "verl", "0.9.1", "verl.trainer.ppo.core_algos.kl_penalty", _load_verl),
-        Framework(
-            "openrlhf",
-            "OpenRLHF",
-            "openrlhf",
-            "0.11.2",
-            "openrlhf.models.utils.compute_approx_kl",
-            _load_openrlhf,
-        ),
+        Framework("openrlhf", "OpenRLHF", "openrlhf", "0.11.2", "openrlhf.models.utils.compute_approx_kl",
+            _load_openrlhf),
         Framework("trl", "TRL", "trl", "1.16.0", "trl.GRPOTrainer._compute_loss", _load_trl),
-        Framework(
-            "skyrl",
-            "SkyRL (skyrl-train)",
-            "skyrl-train",
-            "0.3.1",
-            "skyrl_train.utils.ppo_utils.compute_approx_kl",
-            _load_skyrl,
-        ),
+        Framework("skyrl", "SkyRL (skyrl-train)", "skyrl-train", "0.3.1",
+            "skyrl_train.utils.ppo_utils.compute_approx_kl", _load_skyrl),
         Framework("areal", "AReaL", "areal", "1.0.4", "areal.utils.data.KLEstimator", _load_areal),
         # No usable package: klbench presets re-implement the published source (cited per preset).
-        Framework(
-            "nemo_rl",
-            "NeMo-RL",
-            None,
-            "0.6.0",
-            "nemo_rl.algorithms.utils.calculate_kl",
-            source="NVIDIA-NeMo/RL @ 7ea279a",
-        ),
-        Framework(
-            "slime",
-            "slime",
-            None,
-            "0.3.1",
-            "slime.utils.ppo_utils.compute_approx_kl",
-            source="THUDM/slime @ 624b824",
-        ),
-        Framework(
-            "roll",
-            "ROLL",
-            None,
-            "0.3.0",
-            "roll.utils.functionals.compute_approx_kl",
-            source="alibaba/ROLL @ 8eb27cc",
-        ),
+        Framework("nemo_rl", "NeMo-RL", None, "0.6.0", "nemo_rl.algorithms.utils.calculate_kl",
+            source="NVIDIA-NeMo/RL @ 7ea279a"),
+        Framework("slime", "slime", None, "0.3.1", "slime.utils.ppo_utils.compute_approx_kl",
+            source="THUDM/slime @ 624b824"),
+        Framework("roll", "ROLL", None, "0.3.0", "roll.utils.functionals.compute_approx_kl",
+            source="alibaba/ROLL @ 8eb27cc"),
     )
 }
 
@@ -459,185 +383,61 @@ ON_BY_DEFAULT = "yes (KL on by default)"
 CASES: tuple[Case, ...] = (
     # verl: algorithm.use_kl_in_reward=false, kl_penalty=kl, kl_ctrl.kl_coef=0.001;
     #       actor.use_kl_loss=false, kl_loss_type=low_var_kl, kl_loss_coef=0.001 (trainer/config/*.yaml)
-    Case(
-        "verl",
-        "use_kl_in_reward, kl_penalty=kl",
-        OFF_BY_DEFAULT,
-        "reward",
-        0.001,
-        _verl_reward("kl"),
-        "verl_kl_in_reward",
-    ),
-    Case(
-        "verl",
-        "use_kl_loss, kl_loss_type=low_var_kl",
-        OFF_BY_DEFAULT,
-        "loss",
-        0.001,
-        _verl_loss("low_var_kl"),
-        "verl_low_var_kl",
-    ),
-    Case(
-        "verl",
-        "kl_loss_type=k3+",
-        "no",
-        "loss",
-        0.001,
-        _verl_loss("k3+"),
-        "verl_k3_plus",
-        "value of k3, gradient of k2 (straight-through)",
-    ),
+    Case("verl", "use_kl_in_reward, kl_penalty=kl", OFF_BY_DEFAULT, "reward", 0.001, _verl_reward("kl"),
+        "verl_kl_in_reward"),
+    Case("verl", "use_kl_loss, kl_loss_type=low_var_kl", OFF_BY_DEFAULT, "loss", 0.001,
+        _verl_loss("low_var_kl"), "verl_low_var_kl"),
+    Case("verl", "kl_loss_type=k3+", "no", "loss", 0.001, _verl_loss("k3+"), "verl_k3_plus",
+        "value of k3, gradient of k2 (straight-through)"),
     Case("verl", "kl_loss_type=mse (k2)", "no", "loss", 0.001, _verl_loss("mse")),
     Case("verl", "kl_loss_type=kl (k1)", "no", "loss", 0.001, _verl_loss("kl")),
     Case("verl", "kl_loss_type=abs", "no", "loss", 0.001, _verl_loss("abs")),
     # OpenRLHF: algo.kl.use_loss=false, estimator=k1, init_coef=0.01 (cli/train_ppo_ray.py): k1 in the reward
-    Case(
-        "openrlhf",
-        "kl.estimator=k1 (in reward)",
-        ON_BY_DEFAULT,
-        "reward",
-        0.01,
-        _openrlhf_reward("k1"),
-        "openrlhf_k1_in_reward",
-    ),
-    Case(
-        "openrlhf", "kl.use_loss, estimator=k2", "no", "loss", 0.01, _openrlhf_loss("k2"), "openrlhf_k2_loss"
-    ),
-    Case(
-        "openrlhf", "kl.use_loss, estimator=k3", "no", "loss", 0.01, _openrlhf_loss("k3"), "openrlhf_k3_loss"
-    ),
-    Case(
-        "openrlhf",
-        "kl.use_loss, estimator=k3, unbiased_gradient",
-        "no",
-        "loss",
-        0.01,
-        _openrlhf_loss("k3", unbiased=True),
-        "openrlhf_unbiased_gradient",
-    ),
+    Case("openrlhf", "kl.estimator=k1 (in reward)", ON_BY_DEFAULT, "reward", 0.01, _openrlhf_reward("k1"),
+        "openrlhf_k1_in_reward"),
+    Case("openrlhf", "kl.use_loss, estimator=k2", "no", "loss", 0.01, _openrlhf_loss("k2"),
+        "openrlhf_k2_loss"),
+    Case("openrlhf", "kl.use_loss, estimator=k3", "no", "loss", 0.01, _openrlhf_loss("k3"),
+        "openrlhf_k3_loss"),
+    Case("openrlhf", "kl.use_loss, estimator=k3, unbiased_gradient", "no", "loss", 0.01,
+        _openrlhf_loss("k3", unbiased=True), "openrlhf_unbiased_gradient"),
     Case("openrlhf", "kl.use_loss, estimator=k1", "no", "loss", 0.01, _openrlhf_loss("k1")),
     # TRL GRPOConfig: beta=0.0, use_bias_correction_kl=True, importance_sampling_level=token, loss_type=dapo
-    Case(
-        "trl",
-        "beta=0.0 (defaults)",
-        "yes (KL off: beta=0)",
-        "loss",
-        0.0,
-        _trl_loss(),
-        None,
-        "no KL term at all",
-    ),
-    Case(
-        "trl",
-        "beta>0, use_bias_correction_kl=True",
-        "yes (when beta > 0)",
-        "loss",
-        None,
-        _trl_loss(beta=1.0),
-        "trl_bias_corrected_k3",
-    ),
-    Case(
-        "trl",
-        "beta>0, use_bias_correction_kl=False",
-        "no",
-        "loss",
-        None,
-        _trl_loss(beta=1.0, use_bias_correction_kl=False),
-        "trl_k3",
-    ),
-    Case(
-        "trl",
-        "beta>0, importance_sampling_level=sequence",
-        "no",
-        "loss",
-        None,
-        _trl_loss(beta=1.0, importance_sampling_level="sequence"),
-        None,
-        "sequence weight exp(mean_t log ρ_t) broadcast onto per-token k3",
-    ),
+    Case("trl", "beta=0.0 (defaults)", "yes (KL off: beta=0)", "loss", 0.0, _trl_loss(), None,
+        "no KL term at all"),
+    Case("trl", "beta>0, use_bias_correction_kl=True", "yes (when beta > 0)", "loss", None,
+        _trl_loss(beta=1.0), "trl_bias_corrected_k3"),
+    Case("trl", "beta>0, use_bias_correction_kl=False", "no", "loss", None,
+        _trl_loss(beta=1.0, use_bias_correction_kl=False), "trl_k3"),
+    Case("trl", "beta>0, importance_sampling_level=sequence", "no", "loss", None,
+        _trl_loss(beta=1.0, importance_sampling_level="sequence"), None,
+        "sequence weight exp(mean_t log ρ_t) broadcast onto per-token k3"),
     # skyrl-train: use_kl_loss=true, kl_estimator_type=k3, kl_loss_coef=0.001 (config/ppo_base_config.yaml)
-    Case(
-        "skyrl",
-        "use_kl_loss, kl_estimator_type=k3",
-        ON_BY_DEFAULT,
-        "loss",
-        0.001,
-        _skyrl_loss("k3"),
-        "skyrl_train_k3_loss",
-        "compute_approx_kl runs under @torch.no_grad()",
-    ),
+    Case("skyrl", "use_kl_loss, kl_estimator_type=k3", ON_BY_DEFAULT, "loss", 0.001, _skyrl_loss("k3"),
+        "skyrl_train_k3_loss", "compute_approx_kl runs under @torch.no_grad()"),
     Case("skyrl", "use_kl_loss, kl_estimator_type=k2", "no", "loss", 0.001, _skyrl_loss("k2")),
     # AReaL: kl_ctl=0.1, kl_estimator=k1, in the reward only (api/cli_args.py, trainer/ppo/actor.py)
-    Case(
-        "areal",
-        "kl_estimator=k1 (in reward)",
-        ON_BY_DEFAULT,
-        "reward",
-        0.1,
-        _areal_reward("k1"),
-        "areal_k1_in_reward",
-    ),
+    Case("areal", "kl_estimator=k1 (in reward)", ON_BY_DEFAULT, "reward", 0.1, _areal_reward("k1"),
+        "areal_k1_in_reward"),
     Case("areal", "kl_estimator=k3 (in reward)", "no", "reward", 0.1, _areal_reward("k3")),
     # Re-implemented from source (see each preset's header)
-    Case(
-        "nemo_rl",
-        "reference_policy_kl_type=k3 (default)",
-        ON_BY_DEFAULT,
-        "loss",
-        0.01,
-        _preset_loss("nemo_rl_default", "token_mean", behaviour=False),
-        "nemo_rl_default",
-        "k3 times exp(log π − sg log π), clamps: input ±20, output ±10",
-    ),
-    Case(
-        "nemo_rl",
-        "reference_policy_kl_type=k1",
-        "no",
-        "loss",
-        0.01,
-        _preset_loss("nemo_rl_k1", "token_mean", behaviour=False),
-        "nemo_rl_k1",
-        "gradient coefficient 1 + u",
-    ),
-    Case(
-        "nemo_rl",
-        "k3, use_on_policy_kl_approximation",
-        "no",
-        "loss",
-        0.01,
-        _preset_loss("nemo_rl_default", "token_mean"),
-        "nemo_rl_default",
-        "ρ = π_θ/π_gen with gradient (klbench's loop passes the rollout log-probs the same way)",
-    ),
-    Case(
-        "slime",
-        "use-kl-loss, kl-loss-type=k1 (default)",
-        OFF_BY_DEFAULT,
-        "loss",
-        0.0,
-        _preset_loss("slime_default", "seq_mean_token_mean"),
-        "slime_default",
-    ),
-    Case(
-        "slime",
-        "kl-loss-type=low_var_kl, use-unbiased-kl",
-        "no",
-        "loss",
-        0.0,
-        _preset_loss("slime_low_var_kl_unbiased", "seq_mean_token_mean"),
-        "slime_low_var_kl_unbiased",
-        "ratio not detached; value clamp ±10 after the ratio, no input clamp",
-    ),
-    Case(
-        "roll",
-        "use_kl_loss (k3, hard-coded)",
-        OFF_BY_DEFAULT,
-        "loss",
-        0.0,
-        _preset_loss("roll_k3_loss", "seq_mean_token_mean"),
-        "roll_k3_loss",
-        "value clamp ±10, no input clamp",
-    ),
+    Case("nemo_rl", "reference_policy_kl_type=k3 (default)", ON_BY_DEFAULT, "loss", 0.01,
+        _preset_loss("nemo_rl_default", "token_mean", behaviour=False), "nemo_rl_default",
+        "k3 times exp(log π − sg log π), clamps: input ±20, output ±10"),
+    Case("nemo_rl", "reference_policy_kl_type=k1", "no", "loss", 0.01,
+        _preset_loss("nemo_rl_k1", "token_mean", behaviour=False), "nemo_rl_k1",
+        "gradient coefficient 1 + u"),
+    Case("nemo_rl", "k3, use_on_policy_kl_approximation", "no", "loss", 0.01,
+        _preset_loss("nemo_rl_default", "token_mean"), "nemo_rl_default",
+        "ρ = π_θ/π_gen with gradient (klbench's loop passes the rollout log-probs the same way)"),
+    Case("slime", "use-kl-loss, kl-loss-type=k1 (default)", OFF_BY_DEFAULT, "loss", 0.0,
+        _preset_loss("slime_default", "seq_mean_token_mean"), "slime_default"),
+    Case("slime", "kl-loss-type=low_var_kl, use-unbiased-kl", "no", "loss", 0.0,
+        _preset_loss("slime_low_var_kl_unbiased", "seq_mean_token_mean"), "slime_low_var_kl_unbiased",
+        "ratio not detached; value clamp ±10 after the ratio, no input clamp"),
+    Case("roll", "use_kl_loss (k3, hard-coded)", OFF_BY_DEFAULT, "loss", 0.0,
+        _preset_loss("roll_k3_loss", "seq_mean_token_mean"), "roll_k3_loss",
+        "value clamp ±10, no input clamp"),
 )
 
 
@@ -811,20 +611,11 @@ def _clamp_region(term, placement: str) -> str:
 
 
 #: Per-token gradient coefficients (loss: d loss/d log π) and penalties (reward) the probe recognises.
-COEFFICIENTS = {
-    "0": lambda u: torch.zeros_like(u),
-    "1 (k1's)": lambda u: torch.ones_like(u),
-    "u (k2's)": lambda u: u,
-    "1 − e^−u (k3's)": lambda u: -torch.expm1(-u),
-    "1 + u (ρ·k1's)": lambda u: 1 + u,
-    "sign(u) (abs's)": torch.sign,
-}
-PENALTIES = {
-    "k1 = u": lambda u: u,
-    "k2 = u²/2": lambda u: 0.5 * u * u,
-    "k3 = e^−u − 1 + u": lambda u: torch.expm1(-u) + u,
-    "|u|": torch.abs,
-}
+COEFFICIENTS = {"0": lambda u: torch.zeros_like(u), "1 (k1's)": lambda u: torch.ones_like(u),
+    "u (k2's)": lambda u: u, "1 − e^−u (k3's)": lambda u: -torch.expm1(-u), "1 + u (ρ·k1's)": lambda u: 1 + u,
+    "sign(u) (abs's)": torch.sign}
+PENALTIES = {"k1 = u": lambda u: u, "k2 = u²/2": lambda u: 0.5 * u * u,
+    "k3 = e^−u − 1 + u": lambda u: torch.expm1(-u) + u, "|u|": torch.abs}
 #: Where the probe reads the shape: |u| ≤ 2, inside every clamp the frameworks use
 SHAPE_GRID = torch.linspace(-2, 2, 401, dtype=DTYPE)
 
@@ -895,23 +686,13 @@ def verdict(res: CaseResult) -> str:
 
 def measure(case: Case, module: Any, fw: Framework, source: str) -> CaseResult:
     term = case.make(module)
-    res = CaseResult(
-        framework=fw.key,
-        name=fw.name,
-        option=case.option,
-        default=case.default,
-        placement=case.placement,
-        coef=case.coef,
-        source=source,
-        preset=case.preset,
-        note=case.note,
-    )
+    res = CaseResult(framework=fw.key, name=fw.name, option=case.option, default=case.default,
+        placement=case.placement, coef=case.coef, source=source, preset=case.preset, note=case.note)
     tab = theory.Tabular.build(VOCAB, STEPS)
     for drift in (*DRIFTS, None):  # None: the off-policy check
         off = drift is None
-        theta, theta_ref, theta_mu = theory.make_policies(
-            tab, OFF_DRIFT if off else drift, BEHAVIOUR_SHIFT, SEED
-        )
+        theta, theta_ref, theta_mu = theory.make_policies(tab, OFF_DRIFT if off else drift, BEHAVIOUR_SHIFT,
+            SEED)
         if off and case.placement == "reward":
             continue  # an in-reward term is corrected by the policy-gradient loss's ratio, not by the KL code
         g_rkl, g_fkl = theory.exact_kl_gradients(theta, theta_ref, tab)
@@ -923,14 +704,10 @@ def measure(case: Case, module: Any, fw: Framework, source: str) -> CaseResult:
             res.off_policy_err_rkl = None if st.zero_vector else st.err_rkl
             continue
         res.drifts.append(
-            DriftResult(
-                drift=float(drift),
-                err_rkl=None if st.zero_vector else st.err_rkl,
+            DriftResult(drift=float(drift), err_rkl=None if st.zero_vector else st.err_rkl,
                 err_fkl=None if st.zero_vector else st.err_fkl,
-                scale_rkl=0.0 if st.zero_vector else st.scale_rkl,
-                zero_vector=st.zero_vector,
-                variance=st.variance,
-            )
+                scale_rkl=0.0 if st.zero_vector else st.scale_rkl, zero_vector=st.zero_vector,
+                variance=st.variance)
         )
     res.verdict = verdict(res)
     res.per_token = per_token_form(term, case.placement)
@@ -987,15 +764,8 @@ def run_audit(frameworks: Sequence[str] | None = None, cases: Sequence[Case] = C
             continue
         except (FrameworkBroken, ImportError, SyntaxError, OSError) as err:
             statuses.append(
-                FrameworkStatus(
-                    key,
-                    fw.name,
-                    version,
-                    fw.pin,
-                    fw.symbol,
-                    "broken",
-                    f"{fw.name} {version}: {fw.symbol}: {err}",
-                )
+                FrameworkStatus(key, fw.name, version, fw.pin, fw.symbol, "broken",
+                    f"{fw.name} {version}: {fw.symbol}: {err}")
             )
             continue
         for case in (c for c in cases if c.framework == key):
@@ -1033,6 +803,54 @@ def _finite_cell(r: CaseResult) -> str:
 
 def _coef(r: CaseResult) -> str:
     return "—" if r.coef is None else f"{r.coef:g}"
+
+
+#: What the review that asked for this audit reported, each as (framework, option, the claim, the check that
+#: bears it out on the measured row). `markdown` marks each confirmed or refuted, beside the measurement.
+FINDINGS: tuple[tuple[str, str, str, Callable[[CaseResult], bool]], ...] = (
+    ("verl", "use_kl_loss, kl_loss_type=low_var_kl", "k3 passes no gradient for u < −2.61 or u > 11",
+     lambda r: r.clamp_region == "u < −2.61 or u > 11.00"),
+    ("verl", "kl_loss_type=k3+", "the `+` names have k2's gradient (straight-through)", lambda r: r.per_token == "u (k2's)"),
+    ("openrlhf", "kl.use_loss, estimator=k2", "k2 as a loss passes no gradient for |u| > 4.47",
+     lambda r: r.clamp_region == "u < −4.47 or u > 4.47"),
+    ("openrlhf", "kl.use_loss, estimator=k3, unbiased_gradient", "unbiased_gradient gives w·u·∇log π",
+     lambda r: r.per_token == "u (k2's)"),
+    ("trl", "beta=0.0 (defaults)", "the default has no KL term (beta = 0)", lambda r: r.verdict == "zero"),
+    ("trl", "beta>0, use_bias_correction_kl=True", "the default bias correction has k2's gradient even on-policy",
+     lambda r: r.per_token == "u (k2's)"),
+    ("trl", "beta>0, use_bias_correction_kl=True", "no clamp on exp: not finite at very negative u",
+     lambda r: not r.nan_safe),
+    ("trl", "beta>0, importance_sampling_level=sequence", "sequence-level IS: the gradient of neither KL",
+     lambda r: all(d.err_rkl is not None and d.err_rkl > TOL and d.err_fkl > TOL for d in r.drifts)),
+    ("skyrl", "use_kl_loss, kl_estimator_type=k3", "the default KL loss (under @torch.no_grad) adds no gradient",
+     lambda r: r.no_grad),
+    ("areal", "kl_estimator=k1 (in reward)", "in the reward only, k1, coefficient 0.1 by default: ∇RKL",
+     lambda r: r.verdict == "∇RKL" and r.coef == 0.1),
+    ("areal", "kl_estimator=k3 (in reward)", "k3's input is not clamped: NaN gradients at u ≈ −100",
+     lambda r: "derivative" in ";".join(r.finite.values())),
+    ("nemo_rl", "reference_policy_kl_type=k1", "the default weight exp(log π − sg log π) makes k1's coefficient 1 + u",
+     lambda r: r.per_token.startswith("1 + u")),
+    ("slime", "use-kl-loss, kl-loss-type=k1 (default)", "the default k1 loss has zero expected gradient",
+     lambda r: r.verdict == "zero"),
+    ("slime", "kl-loss-type=low_var_kl, use-unbiased-kl", "--use-unbiased-kl's ratio is not detached",
+     lambda r: r.per_token == "u (k2's)"),
+    ("roll", "use_kl_loss (k3, hard-coded)", "k3 without an input clamp: NaN gradients at very negative u",
+     lambda r: not r.nan_safe),
+)
+
+
+def findings(results: list[CaseResult]) -> list[list[str]]:
+    """One row per finding whose framework was audited: framework, claim, verdict, the measurement."""
+    rows = {(r.framework, r.option): r for r in results}
+    out = []
+    for fw, option, claim, holds in FINDINGS:
+        r = rows.get((fw, option))
+        if r is not None:
+            seen = (f"{r.verdict}; per token {r.per_token}; zero-gradient region {r.clamp_region}; "
+                    f"finite: {_finite_cell(r)}")
+            cells = [r.name, f"`{option}`: {claim}", "**confirmed**" if holds(r) else "**refuted**", seen]
+            out.append([c.replace("|", "\\|") for c in cells])
+    return out
 
 
 def markdown(statuses: list[FrameworkStatus], results: list[CaseResult], header: dict) -> str:
@@ -1093,6 +911,8 @@ def markdown(statuses: list[FrameworkStatus], results: list[CaseResult], header:
     lines += ["", "Finiteness, per dtype:", ""]
     for r in results:
         lines.append(f"- {r.name} `{r.option}`: " + "; ".join(f"{k}: {v}" for k, v in r.finite.items()))
+    lines += ["", "## The review's findings, checked", "",
+              tables.markdown(["framework", "finding", "verdict", "measured"], findings(results))]
     presets = sorted({r.preset for r in results if r.preset})
     lines += [
         "",
@@ -1116,19 +936,12 @@ def text_table(statuses: list[FrameworkStatus], results: list[CaseResult]) -> st
 def main(argv: list[str] | None = None) -> int:
     """`klbench audit`: print the table, write DIR/audit.md and DIR/audit.json; exit 1 if a framework broke."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = ArgumentParser(
-        prog="klbench audit",
-        description="Which KL term each RL framework's shipped code optimises, through the exact verifier.",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=None, metavar="DIR", help="write DIR/audit.md and DIR/audit.json"
-    )
-    parser.add_argument(
-        "--frameworks",
-        default=None,
-        metavar="LIST",
-        help=f"comma-separated subset of {','.join(FRAMEWORKS)} (default: all)",
-    )
+    parser = ArgumentParser(prog="klbench audit",
+        description="Which KL term each RL framework's shipped code optimises, through the exact verifier.")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+        help="write DIR/audit.md and DIR/audit.json")
+    parser.add_argument("--frameworks", default=None, metavar="LIST",
+        help=f"comma-separated subset of {','.join(FRAMEWORKS)} (default: all)")
     args = parser.parse_args(argv)
     if args.out:
         writable_dir(args.out)
@@ -1146,24 +959,15 @@ def main(argv: list[str] | None = None) -> int:
         "git": provenance.git_info(),
         "machine": provenance.machine_info(),
         "seconds": time.perf_counter() - start,
-        "config": {
-            "vocab": VOCAB,
-            "steps": STEPS,
-            "seed": SEED,
-            "drifts": list(DRIFTS),
-            "tol": TOL,
-            "off_policy": {"drift": OFF_DRIFT, "behaviour_shift": BEHAVIOUR_SHIFT},
-        },
+        "config": {"vocab": VOCAB, "steps": STEPS, "seed": SEED, "drifts": list(DRIFTS), "tol": TOL,
+            "off_policy": {"drift": OFF_DRIFT, "behaviour_shift": BEHAVIOUR_SHIFT}},
     }
     print(text_table(statuses, results))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "audit.md").write_text(markdown(statuses, results, header))
-        payload = {
-            **header,
-            "frameworks": [asdict(s) for s in statuses],
-            "rows": [asdict(r) for r in results],
-        }
+        payload = {**header, "frameworks": [asdict(s) for s in statuses],
+            "rows": [asdict(r) for r in results]}
         (args.out / "audit.json").write_text(json.dumps(json_safe(payload), indent=1, ensure_ascii=False) + "\n")
     return 1 if any(s.status == "broken" for s in statuses) else 0
 

@@ -321,3 +321,14 @@ def test_full_audit_within_three_minutes(run_cli, tmp_path):
     ran = {r["framework"] for r in data["rows"]}
     assert ran == {k for k, s in status.items() if s in ("installed", "re-implemented")}
     assert (tmp_path / "audit.md").read_text().count("\n| ") > len(data["rows"])
+
+
+def test_findings_are_checked_against_the_measured_rows():
+    """Each finding of the review is a predicate on its row: it can come out refuted."""
+    results = audit.run_audit(frameworks=["slime", "roll", "nemo_rl"])[1]
+    rows = audit.findings(results)
+    assert rows and all(r[2] == "**confirmed**" for r in rows), rows
+    flipped = [dataclasses.replace(r, verdict="∇RKL") if r.framework == "slime" and "k1" in r.option else r for r in results]
+    verdicts = {r[1]: r[2] for r in audit.findings(flipped)}
+    assert verdicts["`use-kl-loss, kl-loss-type=k1 (default)`: the default k1 loss has zero expected gradient"] == \
+        "**refuted**"
