@@ -3,7 +3,7 @@
 Layers, lowest first; a module may import its own layer and the ones below, never above:
   core (errors, paths, records, tables, provenance, config, ops, kl, losses, advantages)
   ← data, models, rollout, reward, attention, sft, tracking ← train ← evaluation ← analysis
-  (report, theory, audit) ← bench ← cli.
+  (report, plots, theory, audit) ← bench ← cli.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ LAYERS = [
      "klbench.tracking"},
     {"klbench.train"},
     {"klbench.evaluate"},
-    {"klbench.report", "klbench.theory", "klbench.audit"},
+    {"klbench.report", "klbench.plots", "klbench.theory", "klbench.audit"},
     {"klbench.bench"},
     {"klbench.cli", "klbench.__main__"},
 ]

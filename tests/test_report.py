@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -372,7 +373,9 @@ def test_manifest_and_readme_describe_the_sweep(tmp_path):
     cmd = "klbench run -m kl=none,k2_as_loss seed=0,1 trainer.steps=10 logger=none hydra/launcher=basic"
     assert manifest["sweeps"][0]["command"] == [cmd]
     assert manifest["sweeps"][0]["wall_clock_s"] == 60.0
-    assert manifest["report_command"] == f"klbench report {sweep} --out {out} --window 0.3"
+    # absolute paths are written relative to the working directory: a manifest names no absolute path
+    assert manifest["report_command"] == (f"klbench report {os.path.relpath(sweep)} --out {os.path.relpath(out)} "
+                                          "--window 0.3")
     git = manifest["git"]
     assert set(git) >= {"commit", "dirty"}
     assert git["commit"] is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
