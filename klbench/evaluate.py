@@ -1,27 +1,8 @@
 """Held-out evaluation: acc@k, pass@k, maj@k and greedy accuracy, during `klbench run` and as `klbench eval`.
 
-Metrics (per dataset, n = eval.samples completions per problem, c of them correct):
-  eval/<dataset>/acc@n       mean over problems of c / n (the average accuracy of one sample)
-  eval/<dataset>/pass@k      unbiased pass@k of Chen et al. 2021, 1 - C(n-c, k) / C(n, k), for
-                             k = 2, 4, 8, ... below n and k = n (pass@1 is acc@n)
-  eval/<dataset>/maj@n       majority vote: the n extracted answers are grouped by math-verify
-                             equivalence (exact string equality for the synthetic task); the problem
-                             counts as solved when the largest group (ties: the one formed first) is
-                             correct; completions without an answer do not vote
-  eval/<dataset>/greedy_acc  accuracy of one greedy completion (eval.greedy=true)
-
-Problems are the dataset's held-out split in file order, the first eval.limit of them, so every
-seed and checkpoint sees the same problems; sampling uses seeds derived from (seed, dataset,
-batch) only, so successive evaluations of one run share their noise. Greedy decoding is nucleus
-sampling with top_p → 0, which keeps only the most likely token, in any engine. The evaluator
-saves and restores the global RNG state, so a run's training metrics are the same with and without
-evaluation. It samples with the rollout engine, i.e. from the weights the engine holds (with
-rollout.staleness > 0, the lagged sampling policy).
-
-Per-problem results go to `<run_dir>/eval/<dataset>_step<N>.jsonl` (rank 0 only): id, question,
-gold, the n completions with their verdicts and extracted answers, the majority answer, and the
-greedy completion. With several processes each evaluates a contiguous share of the problems and
-the results are gathered, so every rank returns the same metrics.
+Pure metric functions first, then the `Evaluator` (built once, called at the steps `due` says) and
+`evaluate_model` behind `klbench eval`. Which problems, which seeds, how the majority vote groups
+answers and what goes to `<run_dir>/eval/` is in docs/data.md ("How evaluation works").
 """
 
 from __future__ import annotations
@@ -40,7 +21,7 @@ from klbench.config import Config, ConfigError, DataConfig, load_preset
 from klbench.data import Task, build_eval_task
 from klbench.data.example import Example
 from klbench.data.sources import load_examples
-from klbench.models import load_causal_lm, load_tokenizer, resolve_model_dir
+from klbench.models import load_causal_lm, load_tokenizer, resolve_model_dir, stop_ids
 from klbench.paths import conf_dir
 from klbench.records import write_json
 from klbench.reward import RewardFn, build_reward, reward_kind, verifier
@@ -151,7 +132,8 @@ def eval_data(cfg: Config) -> list[DataConfig]:
     if not cfg.eval.datasets:
         return [cfg.data]
     dcfgs = [load_data_preset(n) for n in cfg.eval.datasets]
-    dcfgs = [d if d.source == "synthetic" else replace(d, prompt=cfg.data.prompt) for d in dcfgs]
+    dcfgs = [d if d.source == "synthetic" and d.task == "miniature" else replace(d, prompt=cfg.data.prompt)
+             for d in dcfgs]
     names = [d.name for d in dcfgs]
     if len(set(names)) != len(names):
         raise ConfigError(
@@ -186,11 +168,11 @@ def build_eval_sets(cfg: Config, tokenizer) -> list[EvalSet]:
 # -- the evaluator -------------------------------------------------------------------------------------
 def decode(batch: RolloutBatch, tokenizer) -> list[tuple[str, bool]]:
     """(text without EOS, finished with EOS) of every sampled response."""
-    eos = tokenizer.eos_token_id
+    stop = set(stop_ids(tokenizer))
     out = []
     for i in range(batch.num_samples):
         ids = batch.response_ids[i][batch.response_mask[i] > 0].tolist()
-        finished = bool(ids) and ids[-1] == eos
+        finished = bool(ids) and ids[-1] in stop
         out.append((tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=False), finished))
     return out
 
@@ -257,13 +239,8 @@ class Evaluator:
         chunk: int,
         greedy: bool,
     ) -> list[tuple[str, bool]]:
-        params = SamplingParams(
-            n=n,
-            max_new_tokens=self.max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=self._seed(dataset, chunk, greedy),
-        )
+        params = SamplingParams(n=n, max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p,
+            seed=self._seed(dataset, chunk, greedy))
         return decode(engine.generate(prompts, params), self.tokenizer)
 
     def _evaluate(self, index: int, es: EvalSet, engine) -> list[dict]:
@@ -290,30 +267,18 @@ class Evaluator:
     def _judge(self, es: EvalSet, ex: Example, text: str, finished: bool) -> dict:
         s = es.reward(text, finished, ex)
         answer = s.answer if s.answer is not None or es.extract is None else es.extract(text)
-        return {
-            "completion": text,
-            "finished": finished,
-            "correct": bool(s.correct),
-            "answer": answer,
-            "reward": s.reward,
-        }
+        return {"completion": text, "finished": finished, "correct": bool(s.correct), "answer": answer,
+            "reward": s.reward}
 
     def _score(self, es: EvalSet, ex: Example, samples: list[tuple[str, bool]], greedy) -> dict:
         judged = [self._judge(es, ex, text, fin) for text, fin in samples]
         answers, correct = [j["answer"] for j in judged], [j["correct"] for j in judged]
         rep = majority(answers, es.same)
-        record = {
-            "id": ex.id,
-            "question": ex.question,
-            "gold": ex.answer,
-            "completions": [j["completion"] for j in judged],
-            "finished": [j["finished"] for j in judged],
-            "correct": correct,
-            "answers": answers,
-            "rewards": [j["reward"] for j in judged],
+        record = {"id": ex.id, "question": ex.question, "gold": ex.answer,
+            "completions": [j["completion"] for j in judged], "finished": [j["finished"] for j in judged],
+            "correct": correct, "answers": answers, "rewards": [j["reward"] for j in judged],
             "maj_answer": None if rep is None else answers[rep],
-            "maj_correct": rep is not None and correct[rep],
-        }
+            "maj_correct": rep is not None and correct[rep]}
         if greedy is not None:
             record["greedy"] = self._judge(es, ex, *greedy)
         return record
@@ -369,14 +334,10 @@ def evaluate_model(cfg: Config, run_dir: Path) -> dict:
     finally:
         engine.close()
     names = [s.name for s in evaluator.sets]
-    result = {
-        "model": cfg.model.name_or_path or f"miniature ({model_dir})",
-        "samples": cfg.eval.samples,
-        "problems": {s.name: len(s.task.rows) for s in evaluator.sets},
-        "metrics": metrics,
+    result = {"model": cfg.model.name_or_path or f"miniature ({model_dir})", "samples": cfg.eval.samples,
+        "problems": {s.name: len(s.task.rows) for s in evaluator.sets}, "metrics": metrics,
         "files": {s.name: str(Path("eval") / f"{s.name}_step0.jsonl") for s in evaluator.sets},
-        "wall_s": round(time.perf_counter() - t0, 2),
-    }
+        "wall_s": round(time.perf_counter() - t0, 2)}
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "eval_metrics.json", result)

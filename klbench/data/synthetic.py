@@ -1,4 +1,4 @@
-"""The embedded synthetic task: two-step arithmetic with a verifiable answer.
+"""The synthetic tasks: the miniature's two-step arithmetic, and chat-form addition for real models.
 
 Prompt `07+3*8=` → response `07+24=31` then EOS: first the product, then the sum. Problems are
 a pure function of (seed, step, index), so a run's data stream is reproducible and resumable
@@ -24,13 +24,20 @@ def problem(rng: np.random.Generator) -> tuple[str, str, str]:
     return f"{a:02d}+{b}*{c}=", f"{a:02d}+{b * c}={a + b * c}", str(a + b * c)
 
 
-def problems(seed: int, stream: int, count: int) -> list[Example]:
+def addition(rng: np.random.Generator, digits: int) -> tuple[str, str]:
+    """(question, answer) of one addition of two `digits`-digit numbers, asked as a chat user would."""
+    lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits
+    a, b = int(rng.integers(lo, hi)), int(rng.integers(lo, hi))
+    return f"What is {a} + {b}?", str(a + b)
+
+
+def problems(seed: int, stream: int, count: int, task: str = "miniature", digits: int = 1) -> list[Example]:
     """`count` problems of stream `stream` (e.g. a training step); same arguments, same problems."""
     rng = np.random.default_rng([seed, stream])
     out = []
     for i in range(count):
-        prompt, _, final = problem(rng)
-        out.append(Example(id=f"{stream}-{i}", question=prompt, answer=final))
+        question, final = (problem(rng)[0::2] if task == "miniature" else addition(rng, digits))
+        out.append(Example(id=f"{stream}-{i}", question=question, answer=final))
     return out
 
 

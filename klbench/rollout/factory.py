@@ -8,6 +8,7 @@ import torch
 
 from klbench.config import Engine, RolloutConfig
 from klbench.errors import KlbenchError
+from klbench.models import stop_ids
 from klbench.rollout.hf import HFEngine
 from klbench.rollout.vllm import VLLMEngine
 
@@ -33,8 +34,10 @@ def build_engine(cfg: RolloutConfig, sampler_model: torch.nn.Module, tokenizer, 
     """`sampler_model` is the module the engine must sample from (the policy, or its lagged copy)."""
     check_engine(cfg)
     if cfg.engine == Engine.hf:
-        return HFEngine(sampler_model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+        return HFEngine(sampler_model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                        stop_ids=stop_ids(tokenizer))
     engine = VLLMEngine(model_dir, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                        stop_ids=stop_ids(tokenizer),
                         gpu_memory_utilization=cfg.gpu_memory_utilization,
                         tensor_parallel_size=cfg.tensor_parallel_size, enable_sleep_mode=cfg.enable_sleep_mode,
                         seed=seed, kv_cache_gib=cfg.kv_cache_gib, enforce_eager=cfg.enforce_eager)

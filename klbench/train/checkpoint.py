@@ -1,7 +1,7 @@
 """Checkpoints that survive a kill at any instant, and exact resume.
 
 A checkpoint is a directory `checkpoints/step_NNNNNN/` holding
-  policy/             the policy in Hugging Face format (safetensors)
+  policy/             the policy in Hugging Face format (safetensors; LoRA: its adapters only)
   trainer_state.pt    step, optimizer, LR schedule, KL controller, lagged-policy snapshots
   rng_rank<R>.pt      RNG states of every rank
   meta.json           written last: step, the model fingerprint, the run's config, file sizes
@@ -24,6 +24,7 @@ import torch
 
 from klbench.config import flatten
 from klbench.errors import KlbenchError
+from klbench.models import is_lora
 from klbench.train.logprobs import token_logprobs
 from klbench.train.runstate import rng_state
 
@@ -35,16 +36,8 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
     cfg = getattr(model, "config", None)
     arch = {}
     if cfg is not None:
-        for k in (
-            "model_type",
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "intermediate_size",
-            "tie_word_embeddings",
-        ):
+        for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "intermediate_size", "tie_word_embeddings"):
             if hasattr(cfg, k):
                 arch[k] = getattr(cfg, k)
     arch["parameters"] = sum(p.numel() for p in model.parameters())
@@ -212,14 +205,21 @@ def load(trainer, path: Path) -> None:
         )
     from safetensors.torch import load_file
 
+    lora = is_lora(trainer.policy)  # a LoRA checkpoint holds the adapters only
     try:
-        weights = load_file(str(path / "policy" / "model.safetensors"))
+        weights = load_file(str(path / "policy" / ("adapter_model.safetensors" if lora else "model.safetensors")))
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
         rng = torch.load(path / f"rng_rank{trainer.dist.rank}.pt", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
         raise KlbenchError(f"corrupt checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     if hasattr(trainer.backend, "load") and "backend" not in state:
         trainer.backend.load(path)  # DeepSpeed: module weights, optimizer shards, LR schedule
+    elif lora:
+        from peft import set_peft_model_state_dict
+
+        unexpected = set_peft_model_state_dict(trainer.policy, weights).unexpected_keys
+        if unexpected:
+            raise KlbenchError(f"checkpoint {path}: adapters that do not fit the model: {unexpected[:3]}")
     else:
         missing, unexpected = trainer.policy.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding

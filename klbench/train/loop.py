@@ -32,7 +32,15 @@ from klbench.data import Task, build_task
 from klbench.data.sources import load_examples
 from klbench.errors import KlbenchError
 from klbench.losses import ppo_clip
-from klbench.models import context_length, load_causal_lm, load_tokenizer, resolve_model_dir
+from klbench.models import (
+    AdaptersOff,
+    add_lora,
+    context_length,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_dir,
+    stop_ids,
+)
 from klbench.ops import masked_mean
 from klbench.reward import build_reward
 from klbench.rollout.base import RolloutBatch, SamplingParams
@@ -61,11 +69,11 @@ class Rewards:
         self.task, self.tok, self.fn = task, tokenizer, reward_fn
 
     def __call__(self, batch: RolloutBatch, examples, group_size: int):
-        eos = self.tok.eos_token_id
+        stop = set(stop_ids(self.tok))
         rewards, correct, texts, extras = [], [], [], {}
         for i in range(batch.num_samples):
             ids = batch.response_ids[i][batch.response_mask[i] > 0].tolist()
-            finished = bool(ids) and ids[-1] == eos
+            finished = bool(ids) and ids[-1] in stop
             text = self.tok.decode(ids[:-1] if finished else ids, skip_special_tokens=False)
             s = self.fn(text, finished, examples[i // group_size])
             rewards.append(s.reward)
@@ -98,11 +106,16 @@ class Trainer:
         rows = None if cfg.data.source == "synthetic" else load_examples(cfg.data, cfg.data.split)
         self.model_dir = resolve_model_dir(cfg.model, seed=0)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
+        self.stop = stop_ids(self.tokenizer)  # a response ends at EOS or the chat template's end of turn
         context = context_length(self.model_dir, cfg.model)
         self.task = build_task(cfg.data, self.tokenizer, cfg.seed, rows=rows,
                                max_tokens=None if context is None else context - cfg.rollout.max_new_tokens)
         self.policy = load_causal_lm(self.model_dir, cfg.model, self.device, trainable=True)
-        self.ref = load_causal_lm(self.model_dir, cfg.model, self.device, trainable=False)
+        if cfg.model.lora.rank:  # only adapters train; π_ref is the same module with them off
+            self.policy = add_lora(self.policy, cfg.model.lora)
+            self.ref = AdaptersOff(self.policy)
+        else:
+            self.ref = load_causal_lm(self.model_dir, cfg.model, self.device, trainable=False)
         self.rewards = Rewards(self.task, self.tokenizer, build_reward(cfg.data))
         self.kl = kl_lib.KLSpec.from_config(cfg.kl)
         self.controller = kl_lib.build_controller(cfg.kl.controller, cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
@@ -132,13 +145,9 @@ class Trainer:
         return {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
 
     def state_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "controller": self.controller.state_dict(),
+        return {"step": self.step, "controller": self.controller.state_dict(),
             "snapshots": list(self.snapshots) if self.staleness else None,
-            "backend": self.backend.state_dict(),
-            "rng": runstate.rng_state(),
-        }
+            "backend": self.backend.state_dict(), "rng": runstate.rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
@@ -221,7 +230,7 @@ class Trainer:
             "reward/acc": self.dist.mean(correct.mean()),
             **{f"reward/{k}": self.dist.mean(v.mean()) for k, v in extras.items()},
             "rollout/response_len": self.dist.mean(mask.sum(-1).mean()),
-            "rollout/truncated": self.dist.mean((batch.response_ids[:, -1] != self.tokenizer.eos_token_id)
+            "rollout/truncated": self.dist.mean((~torch.isin(batch.response_ids[:, -1], torch.tensor(self.stop)))
                                                 .logical_and(mask[:, -1] > 0).float().mean()),
             **upd,
             "optim/lr": self.backend.lr,
@@ -276,12 +285,10 @@ class Trainer:
                 check_finite(step, **{"loss/pg": pg.loss, "loss/kl": kl_term})
                 grad_norm = self.backend.step(loss)
                 check_finite(step, **{"loss/grad_norm": torch.as_tensor(grad_norm)})
-                vals = {
-                    "loss/pg": agg_w * pg.loss.item(), "loss/kl": (beta * kl_term).item(), "loss/total": loss.item(),
-                    "loss/grad_norm": float(grad_norm), "off/ratio_mean": w * pg.ratio_mean.item(),
-                    "off/clipfrac": w * pg.clipfrac.item(),
-                    "rollout/entropy": w * masked_mean(ent, mask).item(),
-                }
+                vals = {"loss/pg": agg_w * pg.loss.item(), "loss/kl": (beta * kl_term).item(),
+                    "loss/total": loss.item(), "loss/grad_norm": float(grad_norm),
+                    "off/ratio_mean": w * pg.ratio_mean.item(), "off/clipfrac": w * pg.clipfrac.item(),
+                    "rollout/entropy": w * masked_mean(ent, mask).item()}
                 if first:
                     sums["rollout/entropy_first"] = vals["rollout/entropy"]
                 for k, v in vals.items():
