@@ -46,9 +46,8 @@ def reinforce_pp(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> t
     return (a - a.mean()) / (a.std() + eps) if a.numel() > 1 else a
 
 
-ADVANTAGES: dict[Advantage, Callable[..., torch.Tensor]] = {
-    Advantage.grpo: grpo, Advantage.dr_grpo: dr_grpo, Advantage.rloo: rloo, Advantage.reinforce_pp: reinforce_pp,
-}
+ADVANTAGES: dict[Advantage, Callable[..., torch.Tensor]] = {Advantage.grpo: grpo, Advantage.dr_grpo: dr_grpo,
+    Advantage.rloo: rloo, Advantage.reinforce_pp: reinforce_pp}
 
 
 def compute(name: str, rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:

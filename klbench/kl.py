@@ -1,51 +1,19 @@
 """The KL term of RL fine-tuning: estimators, placements, off-policy correction, controllers.
 
-Pure functions over tensors and masks (docs/theory.md states what each must do). Importing this
-module loads torch, klbench.ops and klbench.config (dataclasses only), so any trainer can use it.
+Pure functions over tensors and masks; importing this module loads torch, klbench.ops and
+klbench.config (dataclasses only), so any trainer can use it. docs/theory.md states what each
+combination does to the gradient and `klbench verify` (klbench.theory) checks it on these functions.
 
 Notation, per sampled response token t (`mask` 1 on response tokens):
     u_t = log π_θ(y_t|·) − log π_ref(y_t|·)        per-token log-ratio          # [B, T]
     U   = Σ_t u_t = log π_θ(y) − log π_ref(y)      per-sequence log-ratio       # [B]
     ρ   = π_θ / μ                                  importance ratio to the behaviour policy μ
-
-Estimators of KL(π_θ ‖ π_ref) (Schulman's naming), applied to x = u_t or x = U:
-    k1 = x          k2 = x² / 2          k3 = exp(−x) − 1 + x
-
-Placements, and what each does to the gradient (on-policy expectation over y ~ π_θ):
-
-* **in reward** (`kl_in_reward`): the detached value multiplies the score function,
-  gradient β·c·∇log π with c = k_n.
-    - k1, sequence level, or token level summed as reward-to-go: exactly ∇KL(π_θ‖π_ref).
-    - k1, token level without reward-to-go: each token charged only its own u_t (biased).
-    - k2 / k3 in reward (token level, reward-to-go): biased (not the score-function coefficient of KL).
-* **as loss** (`kl_loss`): β·k_n(θ) is differentiated; it is equivalent to an in-reward
-  coefficient c = ∂k_n/∂log π_θ (`equivalent_coefficient`): 1, u, 1 − e^{−u}.
-    - k1: E[∇log π] = 0, no regularisation at all (only noise), at either level.
-    - k2, sequence level: exactly ∇KL(π_θ‖π_ref) (c = U, identical per sample to k1 in reward).
-    - k2, token level: Σ_t u_t ∇log π(y_t) drops the future-token terms (biased, grows with drift).
-    - k3, sequence level: exactly ∇KL(π_ref‖π_θ), the *forward* KL; token level: neither KL.
-* **both** (same estimator in reward and as loss): k3 in both is exact at either level
-  (Comedy of Estimators), provided the token-level loss is aggregated like the reward, i.e.
-  like the policy-gradient loss that carries it: `agg="seq_mean_token_sum"` is exact; with
-  "seq_mean_token_mean" for both, each sequence is scaled by 1/|y| as a whole (the exact
-  direction when all responses have one length). The other token-level repair, k2 as loss
-  plus k1 in reward for the future tokens only, is `kl_loss(estimator="k2")` beside
-  `kl_in_reward(estimator="k1", include_current=False)`.
-* **off-policy** (samples from μ ≠ π_θ), as loss: `sg_ratio`·k2, `ratio`·k3 and `ratio`·k1
-  are exact at sequence level (`ratio`·k3 has per sample the gradient of `sg_ratio`·k2:
-  ρ·(k3 + 1 − e^{−u}) = ρ·u); plain k2/k3 and `ratio`·k2 are biased, and `sg_ratio`·k3 gives
-  the forward KL; per-token ratios (level "token") only correct the last token's distribution
-  and stay biased. In-reward terms are corrected by the policy-gradient loss's own ratio, not here.
-
-Two options exist to reproduce what RL frameworks ship (conf/kl/frameworks/, `klbench audit`):
-`value_clamp` bounds the term's value to [−c, c] (verl and SkyRL on k3, OpenRLHF/AReaL/NeMo-RL on
-every estimator: no gradient where it is active), and `grad_estimator` separates the value from
-the gradient: "k1"/"k2"/"k3" give the value of `estimator` with the gradient of another
-(straight-through, verl's "k3+" names, OpenRLHF's `unbiased_gradient`), "none" a term with no
-gradient at all (a KL loss computed under torch.no_grad, as skyrl-train 0.3.1 ships it).
-
-`klbench verify` (klbench.theory) checks every line above by exact enumeration, calling the
-functions of this module.
+Estimators, of x = u_t (level "token") or x = U (level "sequence"): k1 = x, k2 = x²/2, k3 = e^{−x} − 1 + x.
+In the reward (`kl_in_reward`) the detached value multiplies the score function; as a loss
+(`kl_loss`) k_n is differentiated, which equals an in-reward coefficient ∂k_n/∂log π_θ
+(`equivalent_coefficient`: 1, u, 1 − e^{−u}). `value_clamp` and `grad_estimator` reproduce what RL
+frameworks ship (docs/audit.md): a bound on the value, and a gradient taken from another estimator
+(straight-through) or none at all.
 """
 
 from __future__ import annotations
@@ -338,16 +306,9 @@ class KLSpec:
         """Detached penalties `[B, T]` without β (summed to go if `reward_to_go`); zeros if not in reward."""
         if not self.in_reward:
             return torch.zeros_like(logp).detach()
-        return kl_in_reward(
-            logp,
-            ref_logp,
-            mask,
-            estimator=self.estimator,
-            level=self.level,
-            reward_to_go=self.reward_to_go,
-            log_ratio_clamp=self.log_ratio_clamp,
-            value_clamp=self.value_clamp,
-        )
+        return kl_in_reward(logp, ref_logp, mask, estimator=self.estimator, level=self.level,
+            reward_to_go=self.reward_to_go, log_ratio_clamp=self.log_ratio_clamp,
+            value_clamp=self.value_clamp)
 
     def loss(
         self,
@@ -361,20 +322,10 @@ class KLSpec:
         """The KL loss without β, a 0-dim tensor (a constant zero if not as loss); see `kl_loss`."""
         if not self.as_loss:
             return logp.new_zeros(())
-        return kl_loss(
-            logp,
-            ref_logp,
-            mask,
-            estimator=self.estimator,
-            level=self.level,
-            off_policy=self.off_policy,
-            behaviour_logp=behaviour_logp,
-            ratio_clip=self.ratio_clip,
-            agg=agg,
-            log_ratio_clamp=self.log_ratio_clamp,
-            value_clamp=self.value_clamp,
-            grad_estimator=self.grad_estimator,
-        )
+        return kl_loss(logp, ref_logp, mask, estimator=self.estimator, level=self.level,
+            off_policy=self.off_policy, behaviour_logp=behaviour_logp, ratio_clip=self.ratio_clip, agg=agg,
+            log_ratio_clamp=self.log_ratio_clamp, value_clamp=self.value_clamp,
+            grad_estimator=self.grad_estimator)
 
 
 class FixedKLController:

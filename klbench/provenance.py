@@ -32,12 +32,8 @@ def git_info() -> dict:
     except metadata.PackageNotFoundError:
         version = None
     if _git(root, "rev-parse", "--is-inside-work-tree") != "true":
-        return {
-            "commit": None,
-            "dirty": None,
-            "version": version,
-            "note": "klbench is not running from a git checkout",
-        }
+        return {"commit": None, "dirty": None, "version": version,
+            "note": "klbench is not running from a git checkout"}
     commit = _git(root, "rev-parse", "HEAD")
     paths = [p for p in ("klbench", "conf", "pyproject.toml") if (root / p).exists()]
     changes = _git(root, "status", "--porcelain", "--", *paths)
@@ -66,12 +62,8 @@ def machine_info() -> dict:
     gpus = []
     if shutil.which("nvidia-smi"):
         try:
-            p = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=15,
-            )
+            p = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=15)
             gpus = [g.strip() for g in p.stdout.splitlines() if g.strip()] if p.returncode == 0 else []
         except (OSError, subprocess.TimeoutExpired):
             pass
@@ -86,12 +78,5 @@ def machine_info() -> dict:
         torch = metadata.version("torch")
     except metadata.PackageNotFoundError:
         torch = None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gb": round(ram, 1) if ram else None,
-        "gpus": gpus,
-        "os": os_name,
-        "python": platform.python_version(),
-        "torch": torch,
-    }
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(ram, 1) if ram else None, "gpus": gpus,
+        "os": os_name, "python": platform.python_version(), "torch": torch}

@@ -89,19 +89,12 @@ def _reward(est: str, level: str = "sequence", **kw) -> Term:
 VARIANTS: tuple[Variant, ...] = (
     Variant("k1_reward_seq", "k1 in reward, sequence", "on", "rkl", (_reward("k1"),)),
     Variant("k1_reward_tok_rtg", "k1 in reward, token, reward-to-go", "on", "rkl", (_reward("k1", "token"),)),
-    Variant(
-        "k1_reward_tok_nortg",
-        "k1 in reward, token, no reward-to-go",
-        "on",
-        "biased",
-        (_reward("k1", "token", reward_to_go=False),),
-    ),
-    Variant(
-        "k2_reward_tok_rtg", "k2 in reward, token, reward-to-go", "on", "biased", (_reward("k2", "token"),)
-    ),
-    Variant(
-        "k3_reward_tok_rtg", "k3 in reward, token, reward-to-go", "on", "biased", (_reward("k3", "token"),)
-    ),
+    Variant("k1_reward_tok_nortg", "k1 in reward, token, no reward-to-go", "on", "biased",
+        (_reward("k1", "token", reward_to_go=False),)),
+    Variant("k2_reward_tok_rtg", "k2 in reward, token, reward-to-go", "on", "biased",
+        (_reward("k2", "token"),)),
+    Variant("k3_reward_tok_rtg", "k3 in reward, token, reward-to-go", "on", "biased",
+        (_reward("k3", "token"),)),
     Variant("k1_loss_seq", "k1 as loss, sequence", "on", "zero", (_loss("k1"),)),
     Variant("k1_loss_tok", "k1 as loss, token", "on", "zero", (_loss("k1", "token"),)),
     Variant("k2_loss_seq", "k2 as loss, sequence", "on", "rkl", (_loss("k2"),)),
@@ -109,80 +102,34 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("k3_loss_seq", "k3 as loss, sequence", "on", "fkl", (_loss("k3"),)),
     Variant("k3_loss_tok", "k3 as loss, token", "on", "biased", (_loss("k3", "token"),)),
     Variant("k3_both_seq", "k3 in both, sequence", "on", "rkl", (_reward("k3"), _loss("k3"))),
-    Variant(
-        "k3_both_tok_sum",
-        "k3 in both, token, sum aggregation",
-        "on",
-        "rkl",
-        (_reward("k3", "token"), _loss("k3", "token")),
-    ),
-    Variant(
-        "k3_both_tok_mean",
-        "k3 in both, token, loss token-mean (mixed scales)",
-        "on",
-        "biased",
-        (_reward("k3", "token"), _loss("k3", "token", agg="seq_mean_token_mean")),
-    ),
-    Variant(
-        "k3_both_tok_mean_both",
-        "k3 in both, token, token-mean for both parts (∝, scale 1/T)",
-        "on",
+    Variant("k3_both_tok_sum", "k3 in both, token, sum aggregation", "on", "rkl",
+        (_reward("k3", "token"), _loss("k3", "token"))),
+    Variant("k3_both_tok_mean", "k3 in both, token, loss token-mean (mixed scales)", "on", "biased",
+        (_reward("k3", "token"), _loss("k3", "token", agg="seq_mean_token_mean"))),
+    Variant("k3_both_tok_mean_both", "k3 in both, token, token-mean for both parts (∝, scale 1/T)", "on",
         "rkl_dir",
-        (_reward("k3", "token", agg="seq_mean_token_mean"), _loss("k3", "token", agg="seq_mean_token_mean")),
-    ),
-    Variant(
-        "k2_loss_tok_k1_future",
-        "k2 as loss + k1 future-only in reward, token",
-        "on",
-        "rkl",
-        (_loss("k2", "token"), _reward("k1", "token", include_current=False)),
-    ),
+        (_reward("k3", "token", agg="seq_mean_token_mean"), _loss("k3", "token", agg="seq_mean_token_mean"))),
+    Variant("k2_loss_tok_k1_future", "k2 as loss + k1 future-only in reward, token", "on", "rkl",
+        (_loss("k2", "token"), _reward("k1", "token", include_current=False))),
     Variant("k2_loss_seq_offpolicy", "k2 as loss, sequence, no IS", "off", "biased", (_loss("k2"),)),
     Variant("k3_loss_seq_offpolicy", "k3 as loss, sequence, no IS", "off", "biased", (_loss("k3"),)),
-    Variant(
-        "sg_ratio_k2_seq", "sg(ρ)·k2 as loss, sequence", "off", "rkl", (_loss("k2", off_policy="sg_ratio"),)
-    ),
+    Variant("sg_ratio_k2_seq", "sg(ρ)·k2 as loss, sequence", "off", "rkl",
+        (_loss("k2", off_policy="sg_ratio"),)),
     Variant("ratio_k2_seq", "ρ·k2 as loss, sequence", "off", "biased", (_loss("k2", off_policy="ratio"),)),
     Variant("ratio_k3_seq", "ρ·k3 as loss, sequence", "off", "rkl", (_loss("k3", off_policy="ratio"),)),
     Variant("ratio_k1_seq", "ρ·k1 as loss, sequence", "off", "rkl", (_loss("k1", off_policy="ratio"),)),
-    Variant(
-        "sg_ratio_k3_seq", "sg(ρ)·k3 as loss, sequence", "off", "fkl", (_loss("k3", off_policy="sg_ratio"),)
-    ),
-    Variant(
-        "k1_reward_seq_is",
-        "k1 in reward, sequence, sg(ρ)-weighted (= ρ·sg(k1))",
-        "off",
-        "rkl",
-        (_reward("k1", off_policy="sg_ratio"),),
-    ),
-    Variant(
-        "k1_reward_seq_is_stale",
-        "k1 in reward, sequence, sg(ρ)-weighted, k1 from μ (stale)",
-        "off",
-        "biased",
-        (_reward("k1", off_policy="sg_ratio", stale=True),),
-    ),
-    Variant(
-        "sg_ratio_k2_seq_clip",
-        "sg(ρ)·k2 as loss, sequence, ρ truncated at 1.2",
-        "off",
-        "biased",
-        (_loss("k2", off_policy="sg_ratio", ratio_clip=1.2),),
-    ),
-    Variant(
-        "sg_ratio_k2_tok",
-        "sg(ρ_t)·k2 as loss, token (per-token ratio)",
-        "off",
-        "biased",
-        (_loss("k2", "token", off_policy="sg_ratio"),),
-    ),
-    Variant(
-        "ratio_k3_tok",
-        "ρ_t·k3 as loss, token (TRL use_bias_correction_kl)",
-        "off",
-        "biased",
-        (_loss("k3", "token", off_policy="ratio"),),
-    ),
+    Variant("sg_ratio_k3_seq", "sg(ρ)·k3 as loss, sequence", "off", "fkl",
+        (_loss("k3", off_policy="sg_ratio"),)),
+    Variant("k1_reward_seq_is", "k1 in reward, sequence, sg(ρ)-weighted (= ρ·sg(k1))", "off", "rkl",
+        (_reward("k1", off_policy="sg_ratio"),)),
+    Variant("k1_reward_seq_is_stale", "k1 in reward, sequence, sg(ρ)-weighted, k1 from μ (stale)", "off",
+        "biased", (_reward("k1", off_policy="sg_ratio", stale=True),)),
+    Variant("sg_ratio_k2_seq_clip", "sg(ρ)·k2 as loss, sequence, ρ truncated at 1.2", "off", "biased",
+        (_loss("k2", off_policy="sg_ratio", ratio_clip=1.2),)),
+    Variant("sg_ratio_k2_tok", "sg(ρ_t)·k2 as loss, token (per-token ratio)", "off", "biased",
+        (_loss("k2", "token", off_policy="sg_ratio"),)),
+    Variant("ratio_k3_tok", "ρ_t·k3 as loss, token (TRL use_bias_correction_kl)", "off", "biased",
+        (_loss("k3", "token", off_policy="ratio"),)),
 )
 
 
@@ -288,16 +235,9 @@ def per_sample_gradients(
     # Reward coefficients: one kl_in_reward call on the whole enumerated batch (detached).
     coefs = torch.stack(
         [
-            kl.kl_in_reward(
-                behaviour_logp if term.stale else logp,
-                ref_logp,
-                mask,
-                estimator=term.estimator,
-                level=term.level,
-                reward_to_go=term.reward_to_go,
-                include_current=term.include_current,
-                log_ratio_clamp=None,
-            )
+            kl.kl_in_reward(behaviour_logp if term.stale else logp, ref_logp, mask, estimator=term.estimator,
+                level=term.level, reward_to_go=term.reward_to_go, include_current=term.include_current,
+                log_ratio_clamp=None)
             if term.placement == "reward"
             else torch.zeros_like(logp)
             for term in variant.terms
@@ -326,18 +266,9 @@ def per_sample_gradients(
         total = lp.new_zeros(())
         for i, term in enumerate(variant.terms):
             if term.placement == "loss":
-                total = total + kl.kl_loss(
-                    lp,
-                    ref_row.unsqueeze(0),
-                    ones,
-                    estimator=term.estimator,
-                    level=term.level,
-                    off_policy=term.off_policy,
-                    behaviour_logp=behaviour_row.unsqueeze(0),
-                    ratio_clip=term.ratio_clip,
-                    agg=term.agg,
-                    log_ratio_clamp=None,
-                )
+                total = total + kl.kl_loss(lp, ref_row.unsqueeze(0), ones, estimator=term.estimator,
+                    level=term.level, off_policy=term.off_policy, behaviour_logp=behaviour_row.unsqueeze(0),
+                    ratio_clip=term.ratio_clip, agg=term.agg, log_ratio_clamp=None)
             else:
                 surrogate = aggregate(
                     coef_rows[i].unsqueeze(0) * lp, ones, term.agg
@@ -345,9 +276,8 @@ def per_sample_gradients(
                 total = total + weight_row[i] * surrogate
         return total
 
-    return vmap(grad(sample_loss), in_dims=(None, 0, 0, 0, 0, 0, 0))(
-        theta, tab.seqs, tab.prefix, ref_logp, behaviour_logp.detach(), coefs, weights
-    )
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0, 0, 0, 0, 0))(theta, tab.seqs, tab.prefix, ref_logp,
+        behaviour_logp.detach(), coefs, weights)
 
 
 def compare(g: torch.Tensor, target: torch.Tensor) -> tuple[float, float | None, float]:
@@ -393,18 +323,9 @@ def gradient_stats(
     err_rkl, cos_rkl, scale = compare(g, g_rkl)
     err_fkl, cos_fkl, _ = compare(g, g_fkl)
     norm = float(g.norm())
-    return GradientStats(
-        g=g,
-        err_rkl=err_rkl,
-        cos_rkl=cos_rkl,
-        scale_rkl=scale,
-        err_fkl=err_fkl,
-        cos_fkl=cos_fkl,
-        norm=norm,
-        norm_rkl=norm_rkl,
-        zero_vector=norm <= ZERO_TOL * norm_rkl,
-        variance=variance,
-    )
+    return GradientStats(g=g, err_rkl=err_rkl, cos_rkl=cos_rkl, scale_rkl=scale, err_fkl=err_fkl,
+        cos_fkl=cos_fkl, norm=norm, norm_rkl=norm_rkl, zero_vector=norm <= ZERO_TOL * norm_rkl,
+        variance=variance)
 
 
 def run_verification(
@@ -437,24 +358,12 @@ def run_verification(
             per_sample = per_sample_gradients(variant, theta, theta_ref, theta_mu, tab).flatten(1)  # [N, D]
             st = gradient_stats(per_sample, mu, g_rkl, g_fkl)
             g, variance, zero = st.g, st.variance, st.zero_vector
-            row = Row(
-                key=variant.key,
-                label=variant.label,
-                policy=variant.policy,
-                claim=variant.claim,
-                drift=float(drift),
-                err_rkl=None if zero else st.err_rkl,
-                err_fkl=None if zero else st.err_fkl,
-                cos_rkl=None if zero else st.cos_rkl,
-                cos_fkl=None if zero else st.cos_fkl,
-                scale_rkl=0.0 if zero else st.scale_rkl,
-                norm=st.norm,
-                norm_rkl=norm_rkl,
-                norm_fkl=float(g_fkl.norm()),
-                zero_vector=zero,
-                variance=variance,
-                holds=False,
-            )
+            row = Row(key=variant.key, label=variant.label, policy=variant.policy, claim=variant.claim,
+                drift=float(drift), err_rkl=None if zero else st.err_rkl,
+                err_fkl=None if zero else st.err_fkl, cos_rkl=None if zero else st.cos_rkl,
+                cos_fkl=None if zero else st.cos_fkl, scale_rkl=0.0 if zero else st.scale_rkl, norm=st.norm,
+                norm_rkl=norm_rkl, norm_fkl=float(g_fkl.norm()), zero_vector=zero, variance=variance,
+                holds=False)
             row.holds = claim_holds(row)
             if samples > 0:
                 # one stream per (seed, variant, drift): a row's draw does not depend on the registry's order
@@ -583,18 +492,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--vocab", type=int, default=3, help="tokens V (default 3)")
     parser.add_argument("--steps", type=int, default=4, help="response length T (default 4); V^T responses")
-    parser.add_argument(
-        "--drifts", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0, 2.0], help="scales of θ − θ_ref"
-    )
-    parser.add_argument(
-        "--behaviour-shift", type=float, default=0.5, help="scale of μ's logits − θ (off-policy)"
-    )
+    parser.add_argument("--drifts", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0, 2.0],
+        help="scales of θ − θ_ref")
+    parser.add_argument("--behaviour-shift", type=float, default=0.5,
+        help="scale of μ's logits − θ (off-policy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=1000, help="Monte-Carlo sequences from μ (0: skip)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write rows as JSON")
-    parser.add_argument(
-        "--out", type=Path, default=None, metavar="DIR", help="write DIR/theory.md and DIR/theory.json"
-    )
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+        help="write DIR/theory.md and DIR/theory.json")
     args = parser.parse_args(argv)
     if args.out:
         writable_dir(args.out)
@@ -603,14 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples < 0:
         parser.error(f"--samples must be >= 0, got {args.samples}")
     try:
-        rows = run_verification(
-            args.vocab,
-            args.steps,
-            args.drifts,
-            seed=args.seed,
-            behaviour_shift=args.behaviour_shift,
-            samples=args.samples,
-        )
+        rows = run_verification(args.vocab, args.steps, args.drifts, seed=args.seed,
+            behaviour_shift=args.behaviour_shift, samples=args.samples)
     except ValueError as err:
         parser.error(str(err))
     header = {
@@ -618,16 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "klbench": klbench.__version__,
-        "config": {
-            "vocab": args.vocab,
-            "steps": args.steps,
-            "drifts": args.drifts,
-            "behaviour_shift": args.behaviour_shift,
-            "seed": args.seed,
-            "samples": args.samples,
-            "exact_tol": EXACT_TOL,
-            "bias_tol": BIAS_TOL,
-        },
+        "config": {"vocab": args.vocab, "steps": args.steps, "drifts": args.drifts,
+            "behaviour_shift": args.behaviour_shift, "seed": args.seed, "samples": args.samples,
+            "exact_tol": EXACT_TOL, "bias_tol": BIAS_TOL},
     }
     print(text_table(rows))
     failed = sorted({r.label for r in rows if not r.holds})

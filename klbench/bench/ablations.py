@@ -41,26 +41,16 @@ PREDICTED = {
         "mean response 8.9 of 14 tokens: about a third of row-steps are after EOS, but a 1m decode "
         "step is partly per-call overhead that does not shrink with the batch",
     ),
-    "one_prefill_per_prompt": (
-        "prefill every row (prompt repeated G times)",
-        "rollout -3-8%",
-        "the prefill is 1 of ~14 forwards; 8x fewer rows in it",
-    ),
-    "no_4d_mask": (
-        "pass an all-ones attention mask (HF builds a 4-D mask)",
+    "one_prefill_per_prompt": ("prefill every row (prompt repeated G times)", "rollout -3-8%",
+        "the prefill is 1 of ~14 forwards; 8x fewer rows in it"),
+    "no_4d_mask": ("pass an all-ones attention mask (HF builds a 4-D mask)",
         "scoring forward -5-15% (1m), ~0 at 25m",
-        "mask building and masked SDPA are per-call work that matters next to d=128 matmuls",
-    ),
-    "logits_to_keep": (
-        "logits at every position, then slice",
-        "scoring forward -1-3%",
-        "the lm_head is 258x128 per position against ~1M MACs for the body",
-    ),
-    "gather_logsumexp": (
-        "log_softmax over the vocabulary, then gather",
+        "mask building and masked SDPA are per-call work that matters next to d=128 matmuls"),
+    "logits_to_keep": ("logits at every position, then slice", "scoring forward -1-3%",
+        "the lm_head is 258x128 per position against ~1M MACs for the body"),
+    "gather_logsumexp": ("log_softmax over the vocabulary, then gather",
         "log-prob math (forward+backward) -20-40%, under 1% of the step",
-        "one [N, R, V] tensor fewer written and read back",
-    ),
+        "one [N, R, V] tensor fewer written and read back"),
     "small_attention": (
         "transformers' SDPA attention everywhere (model.attn_implementation=sdpa)",
         "scoring forward+backward -5-10% (1m), ~0-3% at 25m",
@@ -68,11 +58,8 @@ PREDICTED = {
         "at 1m): at Lq x Lk ~ 13 x 21 and 128 x 4 (batch x head) blocks, CPU SDPA's per-block cost exceeds the "
         "arithmetic; at 25m the matmuls around attention dominate",
     ),
-    "fused_adamw": (
-        "torch.optim.AdamW(foreach=True)",
-        "optimizer step -50-80%, a few ms per step (1m)",
-        "one fused kernel instead of several foreach passes over 1M parameters",
-    ),
+    "fused_adamw": ("torch.optim.AdamW(foreach=True)", "optimizer step -50-80%, a few ms per step (1m)",
+        "one fused kernel instead of several foreach passes over 1M parameters"),
 }
 
 
@@ -99,10 +86,8 @@ def measure(pairs: list[Pair], reps: int) -> list[dict]:
             plain.append(_time(pair.plain))
         o, p = statistics.median(ours), statistics.median(plain)
         what, predicted, why = PREDICTED[pair.name]
-        rows.append({
-            "name": pair.name, "plain": what, "ours_ms": 1e3 * o, "plain_ms": 1e3 * p,
-            "saved_pct": 100.0 * (1.0 - o / p), "predicted": predicted, "reasoning": why, "reps": reps,
-        })
+        rows.append({"name": pair.name, "plain": what, "ours_ms": 1e3 * o, "plain_ms": 1e3 * p,
+            "saved_pct": 100.0 * (1.0 - o / p), "predicted": predicted, "reasoning": why, "reps": reps})
         print(f"[ablation] {pair.name}: {1e3 * o:.2f} ms vs {1e3 * p:.2f} ms plain "
               f"({100.0 * (1.0 - o / p):+.1f}% saved; predicted {predicted})", flush=True)
     return rows

@@ -33,13 +33,9 @@ def run_klbench(spec: WorkerSpec) -> dict:
             t0 = time.perf_counter()
             metrics = super().train_step(step)
             rec["step_s"] = time.perf_counter() - t0
-            rec.update(
-                rollout_s=metrics["perf/rollout_s"],
-                update_s=metrics["perf/update_s"],
-                reward=metrics["reward/mean"],
-                kl_seq_k3=metrics["kl/rkl_k3"],
-                kl_clamp_rate=metrics.get("kl/clamp_rate"),
-            )
+            rec.update(rollout_s=metrics["perf/rollout_s"], update_s=metrics["perf/update_s"],
+                reward=metrics["reward/mean"], kl_seq_k3=metrics["kl/rkl_k3"],
+                kl_clamp_rate=metrics.get("kl/clamp_rate"))
             return metrics
 
         def update(self, batch, advantages, ref_logp, beta, step):
@@ -93,9 +89,8 @@ def run_klbench(spec: WorkerSpec) -> dict:
         "startup_s": startup_s,
         "torch_threads": torch.get_num_threads(),
         "optimizer": type(trainer.backend.opt).__name__ if hasattr(trainer.backend, "opt") else None,
-        "config_overrides": klbench_overrides(
-            spec.model_dir, steps=cfg.trainer.steps, threads=spec.threads, seed=spec.seed, device=spec.device
-        ),
+        "config_overrides": klbench_overrides(spec.model_dir, steps=cfg.trainer.steps, threads=spec.threads,
+            seed=spec.seed, device=spec.device),
     }
 
 

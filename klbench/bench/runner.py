@@ -73,15 +73,8 @@ def run_worker(spec: WorkerSpec, work: Path, tag: str) -> dict:
     spec_path, out_path, log_path = work / f"{tag}.spec.json", work / f"{tag}.out.json", work / f"{tag}.log"
     spec_path.write_text(json.dumps(asdict(spec)))
     t = str(spec.threads)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": t,
-        "MKL_NUM_THREADS": t,
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-        "WANDB_MODE": "disabled",
-        "TRANSFORMERS_VERBOSITY": "error",
-    }
+    env = {**os.environ, "OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         try:
@@ -135,14 +128,10 @@ def summarize_run(result: dict, warmup: int) -> dict:
     timed = [r for r in result["steps"] if r["step"] > warmup]
     step_s = [r["step_s"] for r in timed]
     mean = sum(step_s) / len(step_s)
-    out = {
-        "s_per_step": mean,
-        "samples_per_s": SAMPLES_PER_STEP / mean,
+    out = {"s_per_step": mean, "samples_per_s": SAMPLES_PER_STEP / mean,
         "step_s_median": statistics.median(step_s),
         "tokens_per_step": sum(r.get("completion_tokens", 0) for r in timed) / len(timed),
-        "peak_rss_mib": result["peak_rss_bytes"] / 2**20,
-        "startup_s": result.get("startup_s"),
-    }
+        "peak_rss_mib": result["peak_rss_bytes"] / 2**20, "startup_s": result.get("startup_s")}
     for phase in PHASES:
         if all(phase in r for r in timed):
             out[f"{phase}_per_step"] = sum(r[phase] for r in timed) / len(timed)
@@ -284,20 +273,11 @@ def write_report(report: dict, out: Path, stem: str) -> tuple[Path, Path]:
 def base_report(
     argv: list[str], args, workload: Workload, model_dir: Path, with_trl=True, with_vllm=False
 ) -> dict:
-    return {
-        "command": "klbench bench " + " ".join(shlex.quote(a) for a in argv),
-        "commit": git_info(),
-        "machine": machine_info(),
-        "versions": versions(with_trl, with_vllm),
-        "workload": {"name": workload.name, **model_info(model_dir)},
-        "threads": args.threads,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "reps": args.reps,
-        "device": args.device,
-        "seed": args.seed,
-        "load_before": list(os.getloadavg()),
-    }
+    return {"command": "klbench bench " + " ".join(shlex.quote(a) for a in argv), "commit": git_info(),
+        "machine": machine_info(), "versions": versions(with_trl, with_vllm),
+        "workload": {"name": workload.name, **model_info(model_dir)}, "threads": args.threads,
+        "steps": args.steps, "warmup": args.warmup, "reps": args.reps, "device": args.device,
+        "seed": args.seed, "load_before": list(os.getloadavg())}
 
 
 def worker_spec(side: str, args, workload: Workload, model_dir: Path, **extra) -> WorkerSpec:
@@ -335,24 +315,14 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
     report["note"] = load_note(report["load_before"], report["load_after"], os.cpu_count() or 1)
     report["summary"] = aggregate(summaries, "klbench", ["trl"])
     report["settings"] = {
-        "shared": {
-            "prompts_per_step": PROMPTS_PER_STEP,
-            "group_size": GROUP_SIZE,
-            "max_new_tokens": MAX_NEW_TOKENS,
-            "temperature": TEMPERATURE,
-            "beta": BETA,
-            "clip_eps": CLIP_EPS,
-            "lr": LR,
-            "adam_betas": list(ADAM_BETAS),
-            "grad_clip": GRAD_CLIP,
-            "std_eps": STD_EPS,
-            "trait_bonus": TRAIT_BONUS,
-        },
+        "shared": {"prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
+            "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "beta": BETA, "clip_eps": CLIP_EPS,
+            "lr": LR, "adam_betas": list(ADAM_BETAS), "grad_clip": GRAD_CLIP, "std_eps": STD_EPS,
+            "trait_bonus": TRAIT_BONUS},
         "klbench_run": "klbench run "
         + " ".join(raw["klbench"][0]["config_overrides"]).replace(str(model_dir), "<model_dir>"),
-        "trl": trl_settings(
-            steps=args.warmup + args.steps, seed=args.seed, output_dir="<tmp>", device=args.device
-        ),
+        "trl": trl_settings(steps=args.warmup + args.steps, seed=args.seed, output_dir="<tmp>",
+            device=args.device),
         "optimizers": {side: raw[side][0].get("optimizer") for side in SIDES},
         "torch_threads": {side: raw[side][0].get("torch_threads") for side in SIDES},
     }
@@ -370,17 +340,8 @@ def bench_curves(argv, args, workload: Workload, model_dir: Path, work: Path) ->
     """Per-step reward and token-mean k3 of both frameworks on the same prompts and settings."""
     results = {}
     for side in SIDES:
-        spec = WorkerSpec(
-            side=side,
-            workload=workload.name,
-            model_dir=str(model_dir),
-            steps=args.steps,
-            warmup=0,
-            threads=args.threads,
-            seed=args.seed,
-            device=args.device,
-            curves=True,
-        )
+        spec = WorkerSpec(side=side, workload=workload.name, model_dir=str(model_dir), steps=args.steps,
+            warmup=0, threads=args.threads, seed=args.seed, device=args.device, curves=True)
         print(f"[curves] {side}: {args.steps} steps ...", flush=True)
         results[side] = run_worker(spec, work, f"curves-{side}")
         problems = check_identical_work(results[side], spec, workload.scratch)
@@ -399,9 +360,8 @@ def bench_curves(argv, args, workload: Workload, model_dir: Path, work: Path) ->
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "curves.json").write_text(json.dumps(report, indent=1))
-    plot_curves(
-        report["curves"], out / "curves.png", title=f"{workload.name}, seed {args.seed}, beta {BETA}, k3 loss"
-    )
+    plot_curves(report["curves"], out / "curves.png",
+        title=f"{workload.name}, seed {args.seed}, beta {BETA}, k3 loss")
     for side, rows in report["curves"].items():
         n = max(1, len(rows) // 5)
         last = rows[-n:]
@@ -444,10 +404,8 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, window: i
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in (
-        (axes[0], "reward", "reward (mean over 128 completions)"),
-        (axes[1], "kl", "KL: per-token k3, mean over response tokens"),
-    ):
+    for ax, key, label in ((axes[0], "reward", "reward (mean over 128 completions)"),
+        (axes[1], "kl", "KL: per-token k3, mean over response tokens")):
         for side, rows in curves.items():
             steps = [r["step"] for r in rows]
             vals = [r[key] for r in rows]
@@ -523,29 +481,18 @@ def bench_engine_overhead(argv, args, workload: Workload, model_dir: Path, work:
 
 def bench_profile(argv, args, workload: Workload, model_dir: Path, work: Path) -> Path:
     path = Path(args.out) / f"profile-klbench-{workload.name}.txt"
-    spec = WorkerSpec(
-        side="klbench",
-        workload=workload.name,
-        model_dir=str(model_dir),
-        steps=args.steps,
-        warmup=max(1, args.warmup),
-        threads=args.threads,
-        seed=args.seed,
-        device=args.device,
-        profile=str(path.resolve()),
-    )
+    spec = WorkerSpec(side="klbench", workload=workload.name, model_dir=str(model_dir), steps=args.steps,
+        warmup=max(1, args.warmup), threads=args.threads, seed=args.seed, device=args.device,
+        profile=str(path.resolve()))
     result = run_worker(spec, work, f"profile-{workload.name}")
     s = summarize_run(result, spec.warmup)
     report = base_report(argv, args, workload, model_dir, with_trl=False)
     phases = ", ".join(f"{p[:-2]} {s[f'{p}_per_step']:.3f}" for p in PHASES if f"{p}_per_step" in s)
-    header = [
-        f"command: {report['command']}",
+    header = [f"command: {report['command']}",
         f"commit: {report['commit']['commit']}{' (dirty)' if report['commit']['dirty'] else ''}",
         f"machine: {json.dumps(report['machine'])}; load average before {report['load_before'][0]:.2f}",
         f"versions: {json.dumps(report['versions'])}",
-        f"s/step under the profiler: {s['s_per_step']:.3f} ({phases})",
-        "",
-    ]
+        f"s/step under the profiler: {s['s_per_step']:.3f} ({phases})", ""]
     path.write_text("\n".join(header) + path.read_text())
     print(
         f"[profile {workload.name}] {s['s_per_step']:.3f} s/step under the profiler ({phases}); wrote {path}"
@@ -560,8 +507,7 @@ def bench_ablations(argv, args, workload: Workload, model_dir: Path) -> Path:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     report = base_report(argv, args, workload, model_dir, with_trl=False)
-    report["ablations"] = ablations.measure(ablations.build_pairs(str(model_dir), seed=args.seed),
-                                                 args.reps)
+    report["ablations"] = ablations.measure(ablations.build_pairs(str(model_dir), seed=args.seed), args.reps)
     report["load_after"] = list(os.getloadavg())
     m = report["machine"]
     report["machine_line"] = (f"{m.get('cpu', '?')}, {m.get('cores', '?')} logical cores; load average "
@@ -581,13 +527,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="klbench vs TRL GRPOTrainer on identical work "
         "(each side in its own subprocess, alternating A B A B).",
     )
-    p.add_argument(
-        "--workload",
-        nargs="+",
-        choices=sorted(WORKLOADS),
-        default=None,
-        help="model size(s): 1m (SFT miniature), 25m, 100m (random init) [1m; engine overhead: 25m]",
-    )
+    p.add_argument("--workload", nargs="+", choices=sorted(WORKLOADS), default=None,
+        help="model size(s): 1m (SFT miniature), 25m, 100m (random init) [1m; engine overhead: 25m]")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run [20; curves: 100; short: 3]")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per run [3; short: 1]")
     p.add_argument("--reps", type=int, default=None, help="repetitions of A B [3; short: 1]")
@@ -600,35 +541,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument(
-        "--out", default="results/perf", help="directory for the JSON/Markdown results [results/perf]"
-    )
+    p.add_argument("--out", default="results/perf",
+        help="directory for the JSON/Markdown results [results/perf]")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--short",
-        action="store_true",
-        help="CI mode: 1m, 3 steps, 1 warm-up, 1 rep, 1 thread; prints the ratio, no threshold (< 3 min)",
-    )
-    mode.add_argument(
-        "--curves", action="store_true", help="per-step reward and KL of both; writes curves.png"
-    )
-    mode.add_argument(
-        "--engine-overhead",
-        action="store_true",
-        help="rollout tokens/s: klbench's VLLMEngine vs bare vllm.LLM.generate (25m)",
-    )
+    mode.add_argument("--short", action="store_true",
+        help="CI mode: 1m, 3 steps, 1 warm-up, 1 rep, 1 thread; prints the ratio, no threshold (< 3 min)")
+    mode.add_argument("--curves", action="store_true",
+        help="per-step reward and KL of both; writes curves.png")
+    mode.add_argument("--engine-overhead", action="store_true",
+        help="rollout tokens/s: klbench's VLLMEngine vs bare vllm.LLM.generate (25m)")
     mode.add_argument("--profile", action="store_true", help="torch.profiler table of klbench's step")
-    mode.add_argument(
-        "--ablations",
-        action="store_true",
-        help="each step optimisation timed against the plain code it replaced (median of --reps, default 15)",
-    )
-    p.add_argument(
-        "--new-tokens",
-        type=int,
-        default=MAX_NEW_TOKENS,
-        help=f"tokens per completion for --engine-overhead [{MAX_NEW_TOKENS}]",
-    )
+    mode.add_argument("--ablations", action="store_true",
+        help="each step optimisation timed against the plain code it replaced (median of --reps, default 15)")
+    p.add_argument("--new-tokens", type=int, default=MAX_NEW_TOKENS,
+        help=f"tokens per completion for --engine-overhead [{MAX_NEW_TOKENS}]")
     args = p.parse_args(argv)
     defaults = {"steps": 20, "warmup": 3, "reps": 3, "threads": os.cpu_count() or 1}
     if args.short:
@@ -665,9 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     if needs_trl and (importlib.util.find_spec("trl") is None or importlib.util.find_spec("psutil") is None):
         print(f"klbench: error: {INSTALL_HINT}", file=sys.stderr)
         return 2
-    print(
-        f"klbench bench: machine load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True
-    )
+    print(f"klbench bench: machine load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores",
+        flush=True)
     try:
         with tempfile.TemporaryDirectory(prefix="klbench-bench-") as tmp:
             work = Path(tmp)
@@ -675,9 +600,8 @@ def main(argv: list[str] | None = None) -> int:
                 workload = WORKLOADS[name]
                 model_dir = None if args.engine_overhead else model_dir_for(workload, work)
                 if args.engine_overhead:
-                    bench_engine_overhead(
-                        argv, args, workload, model_dir_for(workload, work, eos_row=True), work
-                    )
+                    bench_engine_overhead(argv, args, workload, model_dir_for(workload, work, eos_row=True),
+                        work)
                 elif args.curves:
                     bench_curves(argv, args, workload, model_dir, work)
                 elif args.profile:

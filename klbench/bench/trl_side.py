@@ -128,27 +128,15 @@ def run_trl(spec: WorkerSpec) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="klbench-bench-trl-") as out_dir:
         args = GRPOConfig(**trl_settings(steps=total, seed=spec.seed, output_dir=out_dir, device=spec.device))
-        layout = {
-            "generation_batch_size": args.generation_batch_size,
-            "steps_per_generation": args.steps_per_generation,
-            "num_iterations": args.num_iterations,
-        }
-        if layout != {
-            "generation_batch_size": SAMPLES_PER_STEP,
-            "steps_per_generation": 1,
-            "num_iterations": 1,
-        }:
+        layout = {"generation_batch_size": args.generation_batch_size,
+            "steps_per_generation": args.steps_per_generation, "num_iterations": args.num_iterations}
+        if layout != {"generation_batch_size": SAMPLES_PER_STEP, "steps_per_generation": 1,
+            "num_iterations": 1}:
             raise RuntimeError(
                 f"TRL would not do one generation round + one optimizer step per step: {layout}"
             )
-        trainer = GRPOTrainer(
-            model=spec.model_dir,
-            reward_funcs=[arithmetic_reward],
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            callbacks=[Timer()],
-        )
+        trainer = GRPOTrainer(model=spec.model_dir, reward_funcs=[arithmetic_reward], args=args,
+            train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[Timer()])
         gen_and_score = trainer._generate_and_score_completions
 
         def counted_gen_and_score(inputs):
@@ -156,11 +144,8 @@ def run_trl(spec: WorkerSpec) -> dict:
             rec["generate_calls"] += 1
             out = gen_and_score(inputs)
             mask = out["completion_mask"]  # [N, R]
-            rec.update(
-                completions=int(mask.shape[0]),
-                completion_tokens=int(mask.sum().item()),
-                width=int(mask.shape[1]),
-            )
+            rec.update(completions=int(mask.shape[0]), completion_tokens=int(mask.sum().item()),
+                width=int(mask.shape[1]))
             return out
 
         trainer._generate_and_score_completions = counted_gen_and_score
@@ -174,10 +159,5 @@ def run_trl(spec: WorkerSpec) -> dict:
         ).__name__
         fused = any(g.get("fused") for g in trainer.optimizer.param_groups)
     steps = ordered_steps(record, ends)
-    return {
-        "steps": steps,
-        "startup_s": startup_s,
-        "torch_threads": torch.get_num_threads(),
-        "optimizer": f"{optimizer}{' (fused)' if fused else ''}",
-        "layout": layout,
-    }
+    return {"steps": steps, "startup_s": startup_s, "torch_threads": torch.get_num_threads(),
+        "optimizer": f"{optimizer}{' (fused)' if fused else ''}", "layout": layout}

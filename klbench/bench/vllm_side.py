@@ -32,19 +32,12 @@ def run_vllm(spec: WorkerSpec) -> dict:
     pad, eos, n, new = tokenizer.pad_token_id, tokenizer.eos_token_id, GROUP_SIZE, spec.new_tokens
     kv_bytes = int(cfg.rollout.kv_cache_gib * 2**30)
     if spec.side == "vllm-engine":
-        engine = VLLMEngine(
-            spec.model_dir,
-            pad_id=pad,
-            eos_id=eos,
-            seed=spec.seed,
-            kv_cache_gib=cfg.rollout.kv_cache_gib,
-            enforce_eager=cfg.rollout.enforce_eager,
-        )
+        engine = VLLMEngine(spec.model_dir, pad_id=pad, eos_id=eos, seed=spec.seed,
+            kv_cache_gib=cfg.rollout.kv_cache_gib, enforce_eager=cfg.rollout.enforce_eager)
 
         def generate(prompts: list[list[int]], seed: int) -> int:
-            batch = engine.generate(
-                prompts, SamplingParams(n=n, max_new_tokens=new, temperature=TEMPERATURE, seed=seed)
-            )
+            batch = engine.generate(prompts,
+                SamplingParams(n=n, max_new_tokens=new, temperature=TEMPERATURE, seed=seed))
             return int(batch.response_mask.sum().item())
 
         close = engine.close
@@ -55,38 +48,23 @@ def run_vllm(spec: WorkerSpec) -> dict:
 
         threads = torch.get_num_threads()
         eager = cfg.rollout.enforce_eager  # None: as VLLMEngine resolves it, eager on CPU
-        llm = vllm.LLM(
-            model=spec.model_dir,
-            dtype="float32",
-            seed=spec.seed,
+        llm = vllm.LLM(model=spec.model_dir, dtype="float32", seed=spec.seed,
             enforce_eager=(not torch.cuda.is_available()) if eager is None else eager,
-            logprobs_mode="processed_logprobs",
-            generation_config="vllm",
-            kv_cache_memory_bytes=kv_bytes,
-        )
+            logprobs_mode="processed_logprobs", generation_config="vllm", kv_cache_memory_bytes=kv_bytes)
         torch.set_num_threads(threads)
 
         def generate(prompts: list[list[int]], seed: int) -> int:
             if spec.side == "vllm-bare":  # the sampling requests VLLMEngine builds, without its wrapping
                 rng = random.Random(seed)
                 sampling = [
-                    VllmSamplingParams(
-                        n=n,
-                        temperature=TEMPERATURE,
-                        top_p=1.0,
-                        max_tokens=new,
-                        seed=rng.randrange(2**31 - n),
-                        logprobs=0,
-                        ignore_eos=True,
-                        stop_token_ids=[eos],
-                        detokenize=False,
-                    )
+                    VllmSamplingParams(n=n, temperature=TEMPERATURE, top_p=1.0, max_tokens=new,
+                        seed=rng.randrange(2**31 - n), logprobs=0, ignore_eos=True, stop_token_ids=[eos],
+                        detokenize=False)
                     for _ in prompts
                 ]
             else:  # one unseeded request type: what a throughput-only user would write
-                sampling = VllmSamplingParams(
-                    n=n, temperature=TEMPERATURE, max_tokens=new, logprobs=0, detokenize=False
-                )
+                sampling = VllmSamplingParams(n=n, temperature=TEMPERATURE, max_tokens=new, logprobs=0,
+                    detokenize=False)
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False)
             return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
@@ -100,13 +78,8 @@ def run_vllm(spec: WorkerSpec) -> dict:
             tokens = generate(prompts, seed=call)
             dt = time.perf_counter() - t0
             steps.append(
-                {
-                    "step": call,
-                    "step_s": dt,
-                    "completion_tokens": tokens,
-                    "completions": len(prompts) * n,
-                    "generate_calls": 1,
-                }
+                {"step": call, "step_s": dt, "completion_tokens": tokens, "completions": len(prompts) * n,
+                    "generate_calls": 1}
             )
     finally:
         close()

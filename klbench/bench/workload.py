@@ -71,43 +71,17 @@ WORKLOADS = {
 
 def klbench_overrides(model_dir: str, *, steps: int, threads: int, seed: int, device: str) -> list[str]:
     """The `klbench run` overrides of the benchmarked step (on top of conf/config.yaml)."""
-    return [
-        f"model.name_or_path={model_dir}",
-        "model.dtype=float32",
-        "model.gradient_checkpointing=false",
-        "data=arithmetic",
-        f"data.trait_bonus={TRAIT_BONUS}",
-        "kl=k3_as_loss",
-        f"kl.coef={BETA}",
-        "algo=grpo",
-        f"algo.group_size={GROUP_SIZE}",
-        f"algo.prompts_per_step={PROMPTS_PER_STEP}",
-        "algo.loss_agg=seq_mean_token_mean",
-        f"algo.std_eps={STD_EPS}",
-        f"algo.clip_eps={CLIP_EPS}",
-        "algo.ppo_epochs=1",
-        "algo.mini_batch_size=null",
-        "rollout=hf",
-        f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
-        f"rollout.temperature={TEMPERATURE}",
-        "rollout.top_p=1.0",
-        f"trainer.lr={LR}",
-        f"trainer.adam_beta1={ADAM_BETAS[0]}",
-        f"trainer.adam_beta2={ADAM_BETAS[1]}",
-        "trainer.weight_decay=0.0",
-        f"trainer.grad_clip={GRAD_CLIP}",
-        "trainer.lr_schedule=constant",
-        "trainer.warmup_steps=0",
-        f"trainer.threads={threads}",
-        f"trainer.steps={steps}",
-        f"trainer.device={device}",
-        "trainer.save_every=0",
-        "trainer.samples_per_log=0",
-        "logger=none",
-        "eval.every=0",
-        "eval.at_end=false",
-        f"seed={seed}",
-    ]
+    return [f"model.name_or_path={model_dir}", "model.dtype=float32", "model.gradient_checkpointing=false",
+        "data=arithmetic", f"data.trait_bonus={TRAIT_BONUS}", "kl=k3_as_loss", f"kl.coef={BETA}", "algo=grpo",
+        f"algo.group_size={GROUP_SIZE}", f"algo.prompts_per_step={PROMPTS_PER_STEP}",
+        "algo.loss_agg=seq_mean_token_mean", f"algo.std_eps={STD_EPS}", f"algo.clip_eps={CLIP_EPS}",
+        "algo.ppo_epochs=1", "algo.mini_batch_size=null", "rollout=hf",
+        f"rollout.max_new_tokens={MAX_NEW_TOKENS}", f"rollout.temperature={TEMPERATURE}", "rollout.top_p=1.0",
+        f"trainer.lr={LR}", f"trainer.adam_beta1={ADAM_BETAS[0]}", f"trainer.adam_beta2={ADAM_BETAS[1]}",
+        "trainer.weight_decay=0.0", f"trainer.grad_clip={GRAD_CLIP}", "trainer.lr_schedule=constant",
+        "trainer.warmup_steps=0", f"trainer.threads={threads}", f"trainer.steps={steps}",
+        f"trainer.device={device}", "trainer.save_every=0", "trainer.samples_per_log=0", "logger=none",
+        "eval.every=0", "eval.at_end=false", f"seed={seed}"]
 
 
 SIDES = ("klbench", "trl")
@@ -165,9 +139,8 @@ def add_timer(obj, attr: str, record: dict, key_fn, name: str) -> None:
 
 def klbench_config(spec: WorkerSpec):
     """The validated `Config` of the benchmarked step, composed from conf/ like `klbench run` does."""
-    overrides = klbench_overrides(
-        spec.model_dir, steps=spec.warmup + spec.steps, threads=spec.threads, seed=spec.seed, device=spec.device
-    )
+    overrides = klbench_overrides(spec.model_dir, steps=spec.warmup + spec.steps, threads=spec.threads,
+        seed=spec.seed, device=spec.device)
     with composer() as compose:
         return to_config(compose(overrides))
 
@@ -201,12 +174,8 @@ def model_dir_for(workload: Workload, scratch_root: Path, *, eos_row: bool = Fal
     if tokenizer.eos_token_id != tokenizer.pad_token_id + 1 or len(tokenizer) != tokenizer.eos_token_id + 1:
         raise BenchError("the byte tokenizer's EOS is no longer its last id; update bench.model_dir_for")
     vocab = len(tokenizer) if eos_row else tokenizer.eos_token_id
-    arch = ModelConfig(
-        hidden_size=workload.hidden_size,
-        num_layers=workload.num_layers,
-        num_heads=workload.num_heads,
-        intermediate_size=workload.intermediate_size,
-    )
+    arch = ModelConfig(hidden_size=workload.hidden_size, num_layers=workload.num_layers,
+        num_heads=workload.num_heads, intermediate_size=workload.intermediate_size)
     model = build_miniature(arch, vocab, tokenizer.pad_token_id, tokenizer.eos_token_id, seed=0)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
@@ -223,13 +192,6 @@ def model_info(model_dir: Path) -> dict:
                 shape = st.get_slice(k).get_shape()
                 params += math.prod(shape)
     config = json.loads((model_dir / "config.json").read_text())
-    keys = (
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-        "vocab_size",
-        "tie_word_embeddings",
-        "eos_token_id",
-    )
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+        "tie_word_embeddings", "eos_token_id")
     return {"parameters": params, **{k: config.get(k) for k in keys}}

@@ -1,22 +1,9 @@
 """Real datasets: find the rows (local jsonl/parquet, or the hub), validate them, turn them into `Example`s.
 
-Where the rows come from (`data.source`):
-  jsonl | parquet  `data.path` is a file, or a folder holding `<split>.<ext>` (or shards `**/<split>-*.<ext>`).
-                   A relative path is looked up against the current directory, then against the
-                   repository root (the folder holding the `klbench` package). The benchmark presets'
-                   `${klbench_data:gsm8k}` is `$KLBENCH_DATA/gsm8k`, else `$KLBENCH_CACHE/data/gsm8k`.
-                   When it exists in neither place and the preset names `data.hub`, the rows come from
-                   that hub dataset instead (through `datasets.load_dataset`, which works offline from
-                   its cache); otherwise the error says where it looked and what to set.
-  hub              `data.path` is a hub dataset id (or a local dataset folder `datasets` can load),
-                   `data.hub_config` its config name.
-
-Every row is checked when the data is loaded, so nothing fails mid-run: the question must be a
-non-empty string, the answer a non-empty string or a number, and the answer must contain what
-`data.answer_format` promises (`#### n` for gsm8k, a `\\boxed{}` for boxed). A bad row stops the
-load with a one-line message naming the row (`data.on_bad_row=error`), or is skipped and counted
-(`data.on_bad_row=skip`). `data.filter` keeps the rows whose fields equal the given values before
-that check (`+data.filter.level=5`, `+data.filter.subject=[Algebra,Geometry]`).
+`data.source` jsonl/parquet: `data.path` is a file or a folder of `<split>.<ext>` (or shards); a
+relative path is looked up from the current directory, then the repository root, then the preset's
+`data.hub` fallback. `hub`: a hub dataset id. Every row is checked at load time, so nothing fails
+mid-run (docs/data.md, "Where rows come from").
 """
 
 from __future__ import annotations
@@ -186,13 +173,8 @@ def raw_rows(cfg: DataConfig, split: str) -> tuple[list[RawRow], str]:
                 f"{cfg.name}: data.path={cfg.path!r} not found (looked in {looked}) and the fallback "
                 f"{_hub_error(cfg.hub, cfg.hub_config, hub_split, e)}; {fix}"
             ) from e
-        log.info(
-            "%s: %s not found locally; read %d rows from the hub dataset %s",
-            cfg.name,
-            cfg.path,
-            len(rows),
-            cfg.hub,
-        )
+        log.info("%s: %s not found locally; read %d rows from the hub dataset %s", cfg.name, cfg.path,
+            len(rows), cfg.hub)
         return rows, f"{cfg.hub}[{hub_split}]"
     if root.is_file():
         files = [root]
@@ -308,9 +290,8 @@ def load_examples(cfg: DataConfig, split: str) -> list[Example]:
         named = ", ".join(str(i) for i, _ in skipped[:SHOW_SKIPPED]) + (
             ", ..." if len(skipped) > SHOW_SKIPPED else ""
         )
-        log.warning(
-            "%s: skipped %d bad row(s) (rows %s); first: %s", cfg.name, len(skipped), named, skipped[0][1]
-        )
+        log.warning("%s: skipped %d bad row(s) (rows %s); first: %s", cfg.name, len(skipped), named,
+            skipped[0][1])
     if not examples:
         why = f"; first bad row: {skipped[0][1]}" if skipped else (" after data.filter" if cfg.filter else "")
         raise KlbenchError(f"{cfg.name}: no usable rows in {origin}{why}")

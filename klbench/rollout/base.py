@@ -58,10 +58,8 @@ class RolloutBatch:
 
     def select(self, idx: torch.Tensor) -> RolloutBatch:
         """Rows `idx` (a mini-batch)."""
-        return RolloutBatch(
-            self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx],
-            self.response_mask[idx], self.behaviour_logp[idx], self.group[idx],
-        )
+        return RolloutBatch(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx],
+            self.response_mask[idx], self.behaviour_logp[idx], self.group[idx])
 
 
 class RolloutEngine(Protocol):

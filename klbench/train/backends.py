@@ -32,10 +32,8 @@ class TorchBackend:
         params = [p for p in model.parameters() if p.requires_grad]
         # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop; it needs
         # floating-point parameters on one device type.
-        self.opt = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
-            fused=all(p.is_floating_point() for p in params),
-        )
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.weight_decay, fused=all(p.is_floating_point() for p in params))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
 
     @property

@@ -1,36 +1,9 @@
 """DeepSpeed policy updates (ZeRO stage 0-3, optional CPU offload) behind the backend interface.
 
-`DeepSpeedBackend` is a drop-in for `TorchBackend` (klbench.train.backends): `model` is the
-DeepSpeed engine that training forwards go through, `step(loss)` is `engine.backward(loss)` +
-`engine.step()` and returns the pre-clip gradient norm, `end_of_step()` advances the LR schedule.
-
-How the loop's batches map onto DeepSpeed's batch settings. The loop makes exactly one optimizer
-step per mini-batch, and its loss is already the mean over that mini-batch, so DeepSpeed must
-neither accumulate nor rescale: `gradient_accumulation_steps = 1` (every `engine.step()` is an
-optimizer step and `engine.backward` divides the loss by 1), `train_micro_batch_size_per_gpu` =
-the samples one rank holds in a mini-batch, and `train_batch_size` = that times the number of
-ranks (DeepSpeed asserts exactly this product). Nothing reads these sizes except DeepSpeed's
-throughput bookkeeping, so any mini-batch size passes the assertions.
-
-Deliberate choices:
-- The optimizer is the client's `torch.optim.AdamW` with the torch backend's lr/betas/weight
-  decay (DeepSpeed's own "AdamW" would JIT-build a fused op), or `DeepSpeedCPUAdam` (AdamW mode)
-  when the optimizer state is offloaded from a GPU.
-- The `LambdaLR` of `klbench.train.schedule.lr_lambda` is NOT handed to `deepspeed.initialize`:
-  the engine steps a scheduler it owns at every optimizer step, while klbench's schedule advances
-  once per RL step (`end_of_step`), whatever the number of mini-batches and PPO epochs. It
-  schedules the client optimizer's param groups, which the ZeRO optimizers share.
-- Precision follows the model's dtype: bf16 parameters → DeepSpeed bf16 (fp32 master weights and
-  optimizer state), fp32 → fp32 (the CPU default). fp16 is refused: its loss-scale overflow steps
-  would be skipped, which the loop treats as a non-finite failure.
-- Single process without a launcher: DeepSpeed wants a process group and `LOCAL_RANK`; we set the
-  launcher's env defaults (RANK, LOCAL_RANK, WORLD_SIZE) and join a one-process group backed by an
-  in-memory store (no port). On CPU DeepSpeed's accelerator is "cpu" and its communication backend
-  gloo (ccl only with oneccl_bindings_for_pytorch installed); under torchrun / the deepspeed
-  launcher the loop's process group (runstate.from_env) is reused.
-- On CPU DeepSpeed JIT-builds a shared-memory all-reduce op at its first start (~30-55 s on 2
-  cores, cached in ~/.cache/torch_extensions: ~1 s later). Training does not use it (gloo does
-  the gradient all-reduce); DeepSpeed builds it unconditionally.
+`DeepSpeedBackend` is a drop-in for `TorchBackend`: `model` is the DeepSpeed engine forwards go
+through, `step(loss)` is `engine.backward` + `engine.step` and returns the pre-clip gradient norm,
+`end_of_step()` advances klbench's LR schedule. The batch sizes, the optimizer, precision and the
+single-process set-up are chosen as docs/scaling.md ("The DeepSpeed backend") explains.
 """
 
 from __future__ import annotations
@@ -147,9 +120,8 @@ class DeepSpeedBackend:
         if dist.world == 1:
             join_single_process_group(acc.communication_backend_name())
         self.cfg, self.module, self.dist = cfg, model, dist
-        self.config = ds_config(
-            cfg, dtype=first.dtype, device=self.device, world=dist.world, micro_batch_size=micro_batch_size
-        )
+        self.config = ds_config(cfg, dtype=first.dtype, device=self.device, world=dist.world,
+            micro_batch_size=micro_batch_size)
         self.opt = build_optimizer(cfg, model, self.device)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.opt, config=self.config)
         self.model = self.engine
@@ -203,9 +175,8 @@ class DeepSpeedBackend:
         Collective: every rank calls it with the same path (each rank writes its own shard).
         """
         path = Path(directory) / "deepspeed"
-        self.engine.save_checkpoint(
-            str(path), tag=TAG, client_state={"klbench": self.state_dict()}, save_latest=False
-        )
+        self.engine.save_checkpoint(str(path), tag=TAG, client_state={"klbench": self.state_dict()},
+            save_latest=False)
         return path
 
     def load(self, directory: str | Path) -> None:
@@ -216,9 +187,8 @@ class DeepSpeedBackend:
                 f"no DeepSpeed checkpoint at {path / TAG}; was this checkpoint written with "
                 "trainer.backend=deepspeed?"
             )
-        loaded, client = self.engine.load_checkpoint(
-            str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        loaded, client = self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
+            load_lr_scheduler_states=False)
         if loaded is None:
             raise KlbenchError(f"DeepSpeed could not load the checkpoint at {path / TAG}")
         self.load_state_dict(client["klbench"])
