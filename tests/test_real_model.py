@@ -91,7 +91,7 @@ def test_two_grpo_steps_with_each_engine_and_logprob_check(engine, smollm2_dir, 
 
 def test_lora_trains_adapters_only_and_starts_where_full_fine_tuning_does(smollm2_dir, tmp_path, run_cli):
     full, lora = tmp_path / "full", tmp_path / "lora"
-    run_cli("run", *TINY, "trainer.steps=1", f"hydra.run.dir={full}")
+    run_cli("run", *TINY, "trainer.steps=1", "model.lora.rank=0", f"hydra.run.dir={full}")
     run_cli("run", *TINY, "trainer.steps=1", "model.lora.rank=8", f"hydra.run.dir={lora}")
     a, b = rows(full)[0], rows(lora)[0]
     for key in ("kl/rkl_k1", "reward/mean", "reward/acc", "rollout/response_len", "rollout/entropy"):
