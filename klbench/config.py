@@ -330,6 +330,10 @@ class TrainerConfig:
     lr_schedule: Schedule = Schedule.constant
     warmup_steps: int = 0
     threads: int | None = None  # torch CPU threads; null = all cores
+    # samples per forward/backward on one process (gradients accumulate over the mini-batch, the last
+    # piece may be smaller; scoring forwards use the same size): bounds activation and [N, T, V] logit
+    # memory; null = the whole mini-batch
+    micro_batch_size: int | None = None
     device: Device = Device.auto
     log_every: int = 1
     samples_per_log: int = 4  # sampled generations written to samples.jsonl per logged step
@@ -349,6 +353,11 @@ class TrainerConfig:
         _check(self.keep_last >= 1, "trainer", "keep_last", self.keep_last, "must be >= 1")
         if self.threads is not None:
             _check(self.threads >= 1, "trainer", "threads", self.threads, "must be >= 1 or null")
+        if self.micro_batch_size is not None:
+            _check(self.micro_batch_size >= 1, "trainer", "micro_batch_size", self.micro_batch_size,
+                   "must be >= 1 or null")
+            _check(self.backend == Backend.torch, "trainer", "micro_batch_size", self.micro_batch_size,
+                   "accumulates gradients with trainer.backend=torch only; with DeepSpeed leave it null")
 
 
 @dataclass

@@ -334,7 +334,8 @@ def evaluate_model(cfg: Config, run_dir: Path) -> dict:
     finally:
         engine.close()
     names = [s.name for s in evaluator.sets]
-    result = {"model": cfg.model.name_or_path or f"miniature ({model_dir})", "samples": cfg.eval.samples,
+    label = cfg.model.name_or_path or (f"gguf_file={cfg.model.gguf_file}" if cfg.model.gguf_file else "miniature")
+    result = {"model": label, "samples": cfg.eval.samples,
         "problems": {s.name: len(s.task.rows) for s in evaluator.sets}, "metrics": metrics,
         "files": {s.name: str(Path("eval") / f"{s.name}_step0.jsonl") for s in evaluator.sets},
         "wall_s": round(time.perf_counter() - t0, 2)}

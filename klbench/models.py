@@ -184,8 +184,9 @@ def resolve_model_dir(cfg: ModelConfig, seed: int = 0) -> str:
 
 
 def _looks_local(name: str) -> bool:
-    """A path rather than a hub id ('org/name'): absolute, relative with ./ or ~, or more than one '/'."""
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name).exists()
+    """A path rather than a hub id ('org/name' or 'name'): absolute, relative with ./ or ~, more than one
+    '/', or an existing file or directory."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
 def check_model_path(name: str) -> None:

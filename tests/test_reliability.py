@@ -179,7 +179,7 @@ def test_11_a_torn_last_metrics_line_does_not_block_resume(finished, tmp_path, r
     assert strip == want
 
 
-STAGES = ["rng", "policy", "meta", "rename"]
+STAGES = ["rng", "policy", "meta", "rename", "torch_writer", "safetensors"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -201,10 +201,10 @@ def test_12_a_checkpoint_write_failing_at_any_stage_leaves_earlier_ones_and_resu
 
     state = {"n": 0, "inside": False}  # inside the second checkpoint.save call: the writes fail
 
-    def enospc(real):
+    def enospc(real, error=lambda: OSError(errno.ENOSPC, "No space left on device")):
         def failing(*a, **k):
             if state["inside"]:
-                raise OSError(errno.ENOSPC, "No space left on device")
+                raise error()
             return real(*a, **k)
         return failing
 
@@ -226,16 +226,26 @@ def test_12_a_checkpoint_write_failing_at_any_stage_leaves_earlier_ones_and_resu
         monkeypatch.setattr(PreTrainedModel, "save_pretrained", enospc(PreTrainedModel.save_pretrained))
     elif stage == "meta":
         monkeypatch.setattr(Path, "write_text", enospc(Path.write_text))
+    elif stage == "torch_writer":  # what a full disk really raises from torch.save
+        monkeypatch.setattr(torch, "save", enospc(torch.save, lambda: RuntimeError(
+            "[enforce fail at inline_container.cc:664] . unexpected pos 0 vs 1\n"
+            "PytorchStreamWriter failed writing file data/0: file write failed")))
+    elif stage == "safetensors":  # ... and from safetensors, whose error is not an OSError
+        import transformers.modeling_utils as mu
+        from safetensors import SafetensorError
+        monkeypatch.setattr(mu, "safe_save_file", enospc(mu.safe_save_file, lambda: SafetensorError(
+            "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")))
     else:
         monkeypatch.setattr(os, "replace", enospc(os.replace))
     run = tmp_path / "run"
-    with pytest.raises(KlbenchError, match="step 4: the checkpoint could not be written .*No space left on device.*"
+    reason = "file write failed" if stage == "torch_writer" else "No space left on device"
+    with pytest.raises(KlbenchError, match=f"step 4: the checkpoint could not be written .*{reason}.*"
                                            "earlier checkpoints are intact") as err:
         run_experiment(cfg, run)
     assert "\n" not in str(err.value)
     monkeypatch.undo()
     status = json.loads((run / "status.json").read_text())
-    assert status["status"] == "failed" and "No space left on device" in status["error"]
+    assert status["status"] == "failed" and reason in status["error"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002"]
     assert not list(run.rglob("*.tmp")) and not list(run.rglob(".tmp-*"))
     checkpoint.verify(run / "checkpoints" / "step_000002")
@@ -353,6 +363,9 @@ def test_17_model_path_advice_fits_the_name(tmp_path, run_cli):
     proc = run_cli("run", "model.name_or_path=no-such-org/no-such-model", f"hydra.run.dir={tmp_path / 'run2'}",
                    check=False)
     one_line_error(proc, 1, "no such local directory, and the hub", "huggingface-cli download no-such-org/no-such-model")
+    # a hub id without an organisation (gpt2, distilgpt2) is a hub id too, not a missing local directory
+    proc = run_cli("run", "model.name_or_path=no-such-model", f"hydra.run.dir={tmp_path / 'run3'}", check=False)
+    one_line_error(proc, 1, "no such local directory, and the hub", "huggingface-cli download no-such-model")
 
 
 # -- 13: W&B never kills or blocks a run ---------------------------------------------------------------------

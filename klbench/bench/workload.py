@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,13 +102,6 @@ class WorkerSpec:
     curves: bool = False  # klbench: also compute TRL's per-token k3 ('kl') each step
     profile: str | None = None  # klbench: write a torch.profiler table to this path
     new_tokens: int = MAX_NEW_TOKENS  # engine sides
-
-
-def peak_rss_bytes() -> int:
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
 def process_age_s() -> float:

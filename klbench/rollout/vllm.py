@@ -73,6 +73,11 @@ class VLLMEngine:
         if self.on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             # vLLM's CPU default reserves most of the machine's memory
             llm_kwargs.setdefault("kv_cache_memory_bytes", int((kv_cache_gib or 2.0) * 2**30))
+        if self.on_cpu:
+            # A seeded request whose prefill is split over scheduler steps rewinds its generator, which
+            # vLLM's CPU generators cannot do ("CPU Generator does not use offset", e.g. 16 GSM8K prompts x
+            # 4 samples): prefill each prompt whole
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
         if self.sleep_mode:
             llm_kwargs["enable_sleep_mode"] = True
         try:

@@ -2,7 +2,8 @@
 
 A backend owns the optimizer and LR schedule. `model` is what training forwards must go through
 (the DDP / DeepSpeed wrapper), `step(loss)` does backward + clip + optimizer step and returns the
-pre-clip gradient norm, `end_of_step()` advances the schedule once per RL step. `full_weights()`
+pre-clip gradient norm (torch: after `accumulate(loss)` of a mini-batch's earlier micro-batches),
+`end_of_step()` advances the schedule once per RL step. `full_weights()`
 is the context in which the raw policy module may be read outside a training forward (sampling,
 weight syncs, evaluation, saving), and `prepare_reference(ref)` the frozen π_ref as forwards use
 it: both only matter under DeepSpeed ZeRO-3, which shards parameters across ranks.
@@ -40,8 +41,11 @@ class TorchBackend:
     def lr(self) -> float:
         return self.opt.param_groups[0]["lr"]
 
+    def accumulate(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's share of the mini-batch loss; `step` takes the last one."""
+        loss.backward()
+
     def step(self, loss: torch.Tensor) -> float:
-        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.cfg.grad_clip > 0:
@@ -49,6 +53,7 @@ class TorchBackend:
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
         self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         return float(norm)
 
     def end_of_step(self) -> None:

@@ -96,6 +96,7 @@ def save(trainer, run_dir: Path, keep_last: int) -> Path:
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{trainer.step:06d}"
     tmp = root / f".tmp-step_{trainer.step:06d}"
+    old = root / f".old-step_{trainer.step:06d}"
     try:
         if dist.is_main:
             root.mkdir(parents=True, exist_ok=True)
@@ -123,7 +124,6 @@ def save(trainer, run_dir: Path, keep_last: int) -> Path:
                 if p.is_file():
                     with open(p, "rb") as f:
                         os.fsync(f.fileno())
-            old = root / f".old-step_{trainer.step:06d}"
             if final.exists():  # re-saving the same step (e.g. preempted right after a periodic save)
                 os.replace(final, old)
             os.replace(tmp, final)
@@ -131,11 +131,14 @@ def save(trainer, run_dir: Path, keep_last: int) -> Path:
             _fsync_dir(root)
             for stale in list_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(stale, ignore_errors=True)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - a full disk reaches torch.save as RuntimeError, safetensors as its own
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():  # the re-saved step's earlier copy goes back in place
+            os.replace(old, final)
         good = list_checkpoints(run_dir)
+        why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
         raise KlbenchError(
-            f"step {trainer.step}: the checkpoint could not be written ({e.strerror or e}); "
+            f"step {trainer.step}: the checkpoint could not be written ({why}); "
             f"{f'earlier checkpoints are intact, the latest {good[-1]}' if good else 'no earlier checkpoint exists'}"
         ) from e
     dist.barrier()

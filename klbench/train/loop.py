@@ -171,8 +171,9 @@ class Trainer:
                               prompt_seeds=seeds)
 
     def train_step(self, step: int) -> dict[str, float]:
-        cfg, algo, temp = self.cfg, self.cfg.algo, self.cfg.rollout.temperature
+        cfg, algo = self.cfg, self.cfg.algo
         t0 = time.perf_counter()
+        runstate.start_memory_window()
         examples = self.dist.shard(self.task.batch(step, algo.prompts_per_step))
         first = self.dist.rank * len(examples)  # global index of this rank's first prompt
         with self.backend.full_weights():
@@ -184,18 +185,16 @@ class Trainer:
         mask = batch.response_mask  # [N, R]
         rewards, correct, texts, extras = self.rewards(batch, examples, algo.group_size)
 
-        with torch.no_grad():
-            ref_logp, _ = token_logprobs(self.ref, batch, temp)  # [N, R]
-            ref_logp = ref_logp.cpu()
-            # log pi_theta of the sampled tokens before this step's updates: the engine's own
-            # log-probs when it samples from the current weights, else a trainer forward.
-            if self.staleness or cfg.rollout.check_logprobs:
-                cur_logp = token_logprobs(self.policy, batch, temp)[0].cpu()
-            else:
-                cur_logp = batch.behaviour_logp
+        ref_logp = self.score(self.ref, batch)  # [N, R]
+        # log pi_theta of the sampled tokens before this step's updates: the engine's own
+        # log-probs when it samples from the current weights, else a trainer forward.
+        if self.staleness or cfg.rollout.check_logprobs:
+            cur_logp = self.score(self.policy, batch)
+        else:
+            cur_logp = batch.behaviour_logp
         metrics: dict[str, float] = {}
         if cfg.rollout.check_logprobs:
-            sampler_logp = cur_logp if not self.staleness else token_logprobs(self.sampler_model, batch, temp)[0].cpu()
+            sampler_logp = cur_logp if not self.staleness else self.score(self.sampler_model, batch)
             diff = (sampler_logp - batch.behaviour_logp).abs() * mask
             metrics["rollout/logprob_mismatch"] = (diff.sum() / mask.sum()).item()
             metrics["rollout/logprob_mismatch_max"] = diff.max().item()
@@ -239,6 +238,7 @@ class Trainer:
             "perf/step_s": time.perf_counter() - t0,
             "perf/rollout_tok_s": self.dist.sum(n_tok) / max(t_rollout, 1e-9),
             "perf/train_tok_s": self.dist.sum(n_tok) * algo.ppo_epochs / max(t_update, 1e-9),
+            "perf/peak_rss_gib": self.dist.max(runstate.window_peak_rss_bytes() / 2**30),  # this step's
         })
         if cfg.trainer.samples_per_log and step % cfg.trainer.log_every == 0:
             self.tracker.log_samples(step, [
@@ -247,6 +247,20 @@ class Trainer:
                 for i in range(0, batch.num_samples, max(1, batch.num_samples // cfg.trainer.samples_per_log))
             ][: cfg.trainer.samples_per_log])
         return metrics
+
+    def micro_batches(self, batch: RolloutBatch) -> list[RolloutBatch]:
+        """`batch` in `trainer.micro_batch_size` pieces (one piece when it is null or larger)."""
+        size = self.cfg.trainer.micro_batch_size
+        if size is None or size >= batch.num_samples:
+            return [batch]
+        return [trim(batch.select(idx)) for idx in torch.arange(batch.num_samples).split(size)]
+
+    @torch.no_grad()
+    def score(self, model, batch: RolloutBatch) -> torch.Tensor:
+        """log pi(y_t) `[N, R]` of the batch's tokens under `model`, on the CPU, micro-batch by micro-batch."""
+        width = batch.response_ids.shape[1]
+        parts = [token_logprobs(model, part, self.cfg.rollout.temperature)[0].cpu() for part in self.micro_batches(batch)]
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 
     def _seq_estimate(self, kind: str, logp, ref_logp, mask) -> torch.Tensor:
         """Mean over samples of the per-sequence sum of a KL estimator (padding masked before exp)."""
@@ -263,47 +277,64 @@ class Trainer:
         sums: dict[str, float] = {}
         counts = 0
         ratio_max = 1.0
-        clamp_rate = 0.0
         for epoch in range(algo.ppo_epochs):
             order = torch.randperm(n, generator=gen) if mb < n else torch.arange(n)
             for idx in order.split(mb):
                 mini = trim(batch.select(idx))
-                r = mini.response_ids.shape[1]
-                mask = mini.response_mask.to(self.device)
                 first = epoch == 0 and counts == 0
                 # A token mean over this rank's tokens times w averages over the ranks to the token mean
                 # over the whole mini-batch (w = 1 on one process); DDP/DeepSpeed average gradients.
-                w = float(mask.sum()) * world / self.dist.sum(mask.sum()) if world > 1 else 1.0
-                agg_w = w if algo.loss_agg == "token_mean" else 1.0  # the other aggregations are per sequence
-                logp, ent = token_logprobs(self.backend.model, mini, temp, with_entropy=True)
-                pg = ppo_clip(logp, mini.behaviour_logp.to(self.device), advantages[idx, :r].to(self.device), mask,
-                              clip_low=algo.clip_eps, clip_high=algo.clip_eps_high, agg=algo.loss_agg)
-                ref = ref_logp[idx, :r].to(self.device)
-                kl_term = agg_w * self.kl.loss(logp, ref, mask, behaviour_logp=mini.behaviour_logp.to(self.device),
-                                               agg=algo.loss_agg)
-                loss = agg_w * pg.loss + beta * kl_term
-                check_finite(step, **{"loss/pg": pg.loss, "loss/kl": kl_term})
-                grad_norm = self.backend.step(loss)
+                n_tok = mini.response_mask.sum()
+                w = float(n_tok) * world / self.dist.sum(n_tok) if world > 1 else 1.0
+                offset = 0
+                vals: dict[str, float] = {}
+                parts = self.micro_batches(mini)
+                for part in parts:
+                    # gradients accumulate over micro-batches: each carries its share of the mini-batch loss,
+                    # by tokens (token means) or by sequences (the per-sequence aggregations); one part: 1.0
+                    rows = idx[offset : offset + part.num_samples]
+                    offset += part.num_samples
+                    r = part.response_ids.shape[1]
+                    mask = part.response_mask.to(self.device)
+                    tok_share = float(mask.sum()) / float(n_tok) if len(parts) > 1 else 1.0
+                    seq_share = part.num_samples / len(idx) if len(parts) > 1 else 1.0
+                    agg_w = w * tok_share if algo.loss_agg == "token_mean" else seq_share
+                    logp, ent = token_logprobs(self.backend.model, part, temp, with_entropy=True)
+                    pg = ppo_clip(logp, part.behaviour_logp.to(self.device), advantages[rows, :r].to(self.device),
+                                  mask, clip_low=algo.clip_eps, clip_high=algo.clip_eps_high, agg=algo.loss_agg)
+                    ref = ref_logp[rows, :r].to(self.device)
+                    kl_term = agg_w * self.kl.loss(logp, ref, mask, behaviour_logp=part.behaviour_logp.to(self.device),
+                                                   agg=algo.loss_agg)
+                    loss = agg_w * pg.loss + beta * kl_term
+                    check_finite(step, **{"loss/pg": pg.loss, "loss/kl": kl_term})
+                    if part is parts[-1]:
+                        grad_norm = self.backend.step(loss)
+                    else:
+                        self.backend.accumulate(loss)
+                    clamped = 0.0
+                    if self.kl.as_loss and self.kl.log_ratio_clamp is not None:
+                        clamped = (tok_share if self.kl.level == "token" else seq_share) * kl_lib.clamp_fraction(
+                            logp, ref, mask, log_ratio_clamp=self.kl.log_ratio_clamp, level=self.kl.level).item()
+                    for k, v in {"loss/pg": agg_w * pg.loss.item(), "loss/kl": (beta * kl_term).item(),
+                                 "loss/total": loss.item(), "off/ratio_mean": w * tok_share * pg.ratio_mean.item(),
+                                 "off/clipfrac": w * tok_share * pg.clipfrac.item(),
+                                 "rollout/entropy": w * tok_share * masked_mean(ent, mask).item(),
+                                 "kl/clamp_rate": clamped}.items():
+                        vals[k] = vals[k] + v if k in vals else v
+                    ratio_max = max(ratio_max, pg.ratio_max.item())
                 check_finite(step, **{"loss/grad_norm": torch.as_tensor(grad_norm)})
-                vals = {"loss/pg": agg_w * pg.loss.item(), "loss/kl": (beta * kl_term).item(),
-                    "loss/total": loss.item(), "loss/grad_norm": float(grad_norm),
-                    "off/ratio_mean": w * pg.ratio_mean.item(), "off/clipfrac": w * pg.clipfrac.item(),
-                    "rollout/entropy": w * masked_mean(ent, mask).item()}
+                vals["loss/grad_norm"] = float(grad_norm)
                 if first:
                     sums["rollout/entropy_first"] = vals["rollout/entropy"]
                 for k, v in vals.items():
                     sums[k] = sums.get(k, 0.0) + v
-                ratio_max = max(ratio_max, pg.ratio_max.item())
-                if self.kl.as_loss and self.kl.log_ratio_clamp is not None:
-                    clamp_rate += kl_lib.clamp_fraction(logp, ref, mask, log_ratio_clamp=self.kl.log_ratio_clamp,
-                                                        level=self.kl.level).item()
                 counts += 1
-        out = {k: self.dist.mean(v / counts) for k, v in sums.items() if k != "rollout/entropy_first"}
+        skip = ("rollout/entropy_first", *(() if self.kl.as_loss and self.kl.log_ratio_clamp is not None
+                                             else ("kl/clamp_rate",)))
+        out = {k: self.dist.mean(v / counts) for k, v in sums.items() if k not in skip}
         # entropy of the policy that sampled the batch: the first (on-policy) mini-batch's
         out["rollout/entropy"] = self.dist.mean(sums["rollout/entropy_first"])
         out["off/ratio_max"] = self.dist.max(ratio_max)
-        if self.kl.as_loss and self.kl.log_ratio_clamp is not None:
-            out["kl/clamp_rate"] = self.dist.mean(clamp_rate / counts)
         self.backend.end_of_step()
         return out
 

@@ -54,15 +54,22 @@ class RunDir:
     def lock(self) -> None:
         """Take the directory's lock for this process's life, or fail naming its holder."""
         self.path.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path / LOCK, "a+")  # noqa: SIM115 - held open until release()
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
+        while True:
+            fh = open(self.path / LOCK, "a+")  # noqa: SIM115 - held open until release()
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                fh.close()
+                raise KlbenchError(f"{self.path} is in use by another klbench run ({holder}); wait for it to end, "
+                                   "or choose another hydra.run.dir") from None
+            try:  # the holder removes the file as it ends: a lock on the removed file guards nothing
+                if os.stat(self.path / LOCK).st_ino == os.fstat(fh.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             fh.close()
-            raise KlbenchError(f"{self.path} is in use by another klbench run ({holder}); wait for it to end, "
-                               "or choose another hydra.run.dir") from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

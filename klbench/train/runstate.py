@@ -3,8 +3,10 @@ vars), metric reduction across ranks, and RNG state capture for exact resume."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +25,45 @@ def pick_device(name: str) -> torch.device:
 
 def set_threads(n: int | None) -> None:
     torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+_EARLIER_PEAK = 0  # the peak resident memory before the current window (bytes)
+
+
+def _high_water_mark() -> int | None:
+    """The kernel's peak resident memory of this process since the last reset (Linux), bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(ln for ln in f if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory over its whole life so far, bytes."""
+    hwm = _high_water_mark()
+    if hwm is None:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+    return max(_EARLIER_PEAK, hwm)
+
+
+def start_memory_window() -> None:
+    """Start a window for `window_peak_rss_bytes` (on Linux the kernel's high-water mark is reset;
+    where it cannot be, windows report the lifetime peak)."""
+    global _EARLIER_PEAK
+    _EARLIER_PEAK = peak_rss_bytes()
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def window_peak_rss_bytes() -> int:
+    """Peak resident memory since `start_memory_window()`, bytes."""
+    hwm = _high_water_mark()
+    return peak_rss_bytes() if hwm is None else hwm
 
 
 @dataclass
