@@ -30,6 +30,7 @@ from klbench import attention
 from klbench.config import LoraConfig, ModelConfig
 from klbench.errors import KlbenchError
 from klbench.paths import cache_root
+from klbench.precision import AUTOCAST_DTYPE
 from klbench.sft import train_miniature
 
 log = logging.getLogger(__name__)
@@ -291,15 +292,22 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(path: str, cfg: ModelConfig, device: torch.device, trainable: bool):
+def load_causal_lm(path: str, cfg: ModelConfig, device: torch.device, trainable: bool, autocast: bool = False):
+    """`autocast`: a half-precision `model.dtype` keeps float32 weights and runs forwards under
+    torch.autocast to it (`compute_context`), i.e. mixed precision for the torch backend: AdamW on
+    bfloat16 weights would drop every update smaller than their precision. Else weights in `model.dtype`."""
     from transformers import AutoModelForCausalLM
 
+    dtype = _torch_dtype(cfg.dtype, device)
+    mixed = autocast and dtype in (torch.bfloat16, torch.float16)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(cfg.dtype, device),
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if mixed else dtype,
             trust_remote_code=cfg.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - truncated or garbage weights raise safetensors' own errors
         raise KlbenchError(_load_hint(path, e)) from e
     attention.apply(model, cfg.attn_implementation)
+    if mixed:
+        setattr(model, AUTOCAST_DTYPE, dtype)
     model.to(device)
     if trainable:
         model.train()

@@ -23,7 +23,7 @@ PACKAGE = REPO / "klbench"
 LAYERS = [
     {"klbench", "klbench.errors", "klbench.paths", "klbench.records", "klbench.tables", "klbench.provenance",
      "klbench.config", "klbench.ops", "klbench.kl", "klbench.losses", "klbench.advantages"},
-    {"klbench.data", "klbench.models", "klbench.rollout", "klbench.reward", "klbench.attention", "klbench.sft",
+    {"klbench.data", "klbench.models", "klbench.rollout", "klbench.reward", "klbench.attention", "klbench.precision", "klbench.sft",
      "klbench.tracking"},
     {"klbench.train"},
     {"klbench.evaluate"},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from klbench.precision import compute_context
 from klbench.rollout.base import RolloutBatch, SamplingParams, prompt_seeds
 
 
@@ -60,6 +61,10 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
+        with compute_context(self.model):  # the trainer's precision (model.dtype=bfloat16: autocast)
+            return self._generate(prompts, params)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
         from transformers import DynamicCache
 
         model, dev = self.model, self.device

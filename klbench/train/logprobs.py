@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from klbench.precision import compute_context
 from klbench.rollout.base import RolloutBatch
 
 
@@ -21,11 +22,12 @@ def token_logprobs(
     dev = next(model.parameters()).device
     resp = batch.response_ids.to(dev)  # [N, R]
     groups, inverse = torch.unique(batch.group, return_inverse=True)
-    if len(groups) < batch.num_samples:
-        logits = _shared_prompt_logits(model, batch, inverse, dev)
-    else:
-        logits = _full_logits(model, batch, dev)
-    logits = logits.float()  # [N, R, V]: the distributions response token t was drawn from
+    with compute_context(model):  # mixed precision (model.dtype=bfloat16): the forward in half precision
+        if len(groups) < batch.num_samples:
+            logits = _shared_prompt_logits(model, batch, inverse, dev)
+        else:
+            logits = _full_logits(model, batch, dev)
+    logits = logits.float()  # [N, R, V]: the distributions response token t was drawn from; all after in fp32
     if temperature != 1.0:
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)  # [N, R]

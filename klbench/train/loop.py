@@ -27,7 +27,7 @@ import torch
 
 from klbench import advantages as adv_lib
 from klbench import kl as kl_lib
-from klbench.config import Config
+from klbench.config import Backend, Config
 from klbench.data import Task, build_task
 from klbench.data.sources import load_examples
 from klbench.errors import KlbenchError
@@ -110,12 +110,15 @@ class Trainer:
         context = context_length(self.model_dir, cfg.model)
         self.task = build_task(cfg.data, self.tokenizer, cfg.seed, rows=rows,
                                max_tokens=None if context is None else context - cfg.rollout.max_new_tokens)
-        self.policy = load_causal_lm(self.model_dir, cfg.model, self.device, trainable=True)
+        # torch backend: a half-precision model.dtype is mixed precision (float32 weights, autocast forwards);
+        # DeepSpeed keeps its own float32 master weights for bfloat16 ones
+        mixed = cfg.trainer.backend == Backend.torch
+        self.policy = load_causal_lm(self.model_dir, cfg.model, self.device, trainable=True, autocast=mixed)
         if cfg.model.lora.rank:  # only adapters train; π_ref is the same module with them off
             self.policy = add_lora(self.policy, cfg.model.lora)
             self.ref = AdaptersOff(self.policy)
         else:
-            self.ref = load_causal_lm(self.model_dir, cfg.model, self.device, trainable=False)
+            self.ref = load_causal_lm(self.model_dir, cfg.model, self.device, trainable=False, autocast=mixed)
         self.rewards = Rewards(self.task, self.tokenizer, build_reward(cfg.data))
         self.kl = kl_lib.KLSpec.from_config(cfg.kl)
         self.controller = kl_lib.build_controller(cfg.kl.controller, cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
