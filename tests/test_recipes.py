@@ -4,7 +4,6 @@ tiny model, the HF engine and the torch backend substituted for what needs a GPU
 import importlib.util
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 
