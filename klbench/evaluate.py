@@ -23,6 +23,7 @@ from klbench.data.example import Example
 from klbench.data.sources import load_examples
 from klbench.models import load_causal_lm, load_tokenizer, resolve_model_dir, stop_ids
 from klbench.paths import conf_dir
+from klbench.provenance import git_info, machine_info
 from klbench.records import write_json
 from klbench.reward import RewardFn, build_reward, reward_kind, verifier
 from klbench.rollout.base import RolloutBatch, SamplingParams
@@ -338,7 +339,7 @@ def evaluate_model(cfg: Config, run_dir: Path) -> dict:
     result = {"model": label, "samples": cfg.eval.samples,
         "problems": {s.name: len(s.task.rows) for s in evaluator.sets}, "metrics": metrics,
         "files": {s.name: str(Path("eval") / f"{s.name}_step0.jsonl") for s in evaluator.sets},
-        "wall_s": round(time.perf_counter() - t0, 2)}
+        "wall_s": round(time.perf_counter() - t0, 2), "git": git_info(), "machine": machine_info()}
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "eval_metrics.json", result)
