@@ -12,6 +12,11 @@ class KlbenchError(RuntimeError):
     """A user-fixable problem (bad path, unloadable model, bad data row); the message says what to do."""
 
 
+def warn(msg: str) -> None:
+    """A warning the user must see, whatever the logging setup: one `klbench: warning:` line on stderr."""
+    print(f"klbench: warning: {msg}", file=sys.stderr, flush=True)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a usage mistake as one line `klbench: error: ...` and exit status 2."""
 

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from klbench.config import LoggerConfig
+from klbench.errors import warn
 
 #: The numbers the console shows for each step.
 CONSOLE_KEYS = ("reward/acc", "reward/mean", "kl/rkl_k1", "rollout/entropy", "rollout/response_len", "perf/step_s")
@@ -38,10 +39,6 @@ def _jsonable(x: Any) -> Any:
 
 #: Seconds W&B may take to start online before the run goes on offline.
 WANDB_INIT_TIMEOUT_S = 15.0
-
-
-def _warn(msg: str) -> None:
-    print(f"klbench: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def _wandb_host() -> str:
@@ -111,7 +108,7 @@ class Tracker(NullTracker):
 
         mode = wandb_mode(cfg)
         if mode == "online" and not wandb_reachable():
-            _warn(f"W&B is unreachable ({_wandb_host()}): logging offline (sync later with `wandb sync`)")
+            warn(f"W&B is unreachable ({_wandb_host()}): logging offline (sync later with `wandb sync`)")
             mode = "offline"
         for attempt in [mode, "offline"] if mode == "online" else [mode]:
             try:
@@ -121,7 +118,7 @@ class Tracker(NullTracker):
             except Exception as e:  # noqa: BLE001 - any W&B failure: the run goes on
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 then = "logging offline" if attempt == "online" else "W&B is off for this run (metrics.jsonl has it all)"
-                _warn(f"W&B could not start {attempt} ({type(e).__name__}: {first}): {then}")
+                warn(f"W&B could not start {attempt} ({type(e).__name__}: {first}): {then}")
         return None
 
     def _wandb_id(self) -> str:
@@ -159,7 +156,7 @@ class Tracker(NullTracker):
             try:
                 self._wandb.log(metrics, step=step)
             except Exception as e:  # noqa: BLE001 - a tracker failure never stops a run
-                _warn(f"W&B stopped logging ({type(e).__name__}: {e}); metrics.jsonl goes on")
+                warn(f"W&B stopped logging ({type(e).__name__}: {e}); metrics.jsonl goes on")
                 self._wandb = None
         shown = "  ".join(f"{_short(k)} {metrics[k]:.3g}" for k in CONSOLE_KEYS if k in metrics)
         if self._progress is not None:
@@ -184,4 +181,4 @@ class Tracker(NullTracker):
                     self._wandb.summary.update(dict(summary.get("window", {})))
                 self._wandb.finish()
             except Exception as e:  # noqa: BLE001
-                _warn(f"W&B could not finish the run ({type(e).__name__}: {e})")
+                warn(f"W&B could not finish the run ({type(e).__name__}: {e})")

@@ -332,6 +332,18 @@ def test_8_a_prompt_longer_than_the_context_is_refused_before_the_model_loads(mi
     assert time.time() - t0 < 120
 
 
+def test_8_an_over_long_row_among_others_is_dropped_with_a_warning(miniature_cache, tmp_path, run_cli):
+    path = tmp_path / "d.jsonl"
+    rows = [{"question": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
+    rows.insert(3, {"question": "1" * 4_000_000, "answer": "2"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = _data_run(run_cli, path, tmp_path, "data.prompt.template=raw")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    warning = [ln for ln in proc.stderr.splitlines() if "dropped 1 prompt(s) longer than the model's context" in ln]
+    assert len(warning) == 1 and "e.g. row 3" in warning[0], proc.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl").rows] == [1]
+
+
 def test_9_a_raising_reward_function_is_named_with_the_example(miniature_cache, tmp_path, run_cli):
     (tmp_path / "badreward.py").write_text("calls = 0\n\n"
                                            "def score(completion, finished, example):\n"

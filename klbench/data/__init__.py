@@ -13,7 +13,6 @@ cut to `eval.limit`, so every seed and every checkpoint is evaluated on the same
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,9 +21,7 @@ from klbench.config import DataConfig
 from klbench.data import prompts, synthetic
 from klbench.data.example import Example
 from klbench.data.sources import load_examples
-from klbench.errors import KlbenchError
-
-log = logging.getLogger(__name__)
+from klbench.errors import KlbenchError, warn
 
 #: Held-out problems of the synthetic task when eval.limit is null.
 SYNTHETIC_EVAL_SIZE = 500
@@ -94,9 +91,9 @@ def _check_lengths(task: Task, max_tokens: int | None) -> Task:
                            "raise data.max_prompt_tokens, lower rollout.max_new_tokens or use a model with a longer "
                            "context")
     if too_long:
-        log.warning("%s: dropped %d prompt(s) longer than the model's context beside rollout.max_new_tokens "
-                    "(%d tokens), e.g. row %s; set data.max_prompt_tokens to choose the bound", task.name,
-                    len(too_long), max_tokens, too_long[0])
+        warn(f"{task.name}: dropped {len(too_long)} prompt(s) longer than the model's context beside "
+             f"rollout.max_new_tokens ({max_tokens} tokens), e.g. row {too_long[0]}; set data.max_prompt_tokens "
+             "to choose the bound")
     task.rows = fits
     return task
 
