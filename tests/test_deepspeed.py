@@ -249,7 +249,11 @@ def test_cli_deepspeed_run_trains(run_cli, miniature_dir, tmp_path):
     assert status["status"] == "completed" and status["step"] == 10
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 11))
-    assert all(r["loss/grad_norm"] > 0 and r["optim/lr"] == 1e-4 for r in rows)
+    assert all(r["optim/lr"] == 1e-4 for r in rows)
+    # a step whose groups all have equal rewards, with the KL term still 0 (step 1), has no gradient at all
+    # (this machine: step 1); every other step has one
+    assert all(r["loss/grad_norm"] > 0 for r in rows if r["loss/pg"] != 0 or r["loss/kl"] != 0)
+    assert sum(r["loss/grad_norm"] > 0 for r in rows) >= 8
     start, final = final_weights_of(miniature_dir), final_weights(run_dir)
     assert set(final) == set(start)
     assert max((final[k] - start[k]).abs().max().item() for k in final) > 1e-5, "parameters did not change"
