@@ -131,7 +131,13 @@ def test_links_in_readme_and_docs_resolve():
     assert not broken, "\n".join(broken)
 
 
-@pytest.mark.parametrize("pattern", [r"\.\./shared", r"THEORY\.md", r"FIELD_NOTES", r"DESIGN\.md", r"STYLE\.md"])
+#: the planning documents that live beside the repository, never in it (assembled here from their parts, so
+#: this guard does not itself name them)
+OUTSIDE = [re.escape(".." + "/" + "shared"), *(re.escape(n + ".md") for n in ("THEORY", "DESIGN", "STYLE")),
+           "FIELD" + "_NOTES"]
+
+
+@pytest.mark.parametrize("pattern", OUTSIDE)
 def test_no_reference_to_documents_outside_the_repository(pattern):
     hits = [str(f.relative_to(REPO)) for f in TEXT_FILES if re.search(pattern, f.read_text())]
     assert not hits, hits

@@ -48,7 +48,7 @@ BIASED = {
 
 
 def test_variant_registry_states_the_papers_claims():
-    # the claims below are THEORY.md's; the registry must not quietly relabel them
+    # the claims below are docs/theory.md's; the registry must not quietly relabel them
     assert set(_keys("rkl")) >= EXACT_RKL
     assert set(_keys("biased")) >= BIASED
     assert {"k3_loss_seq", "sg_ratio_k3_seq"} <= set(_keys("fkl"))
