@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from klbench.bench import runner, trl_side, workload
+from klbench.bench import fairness, runner, trl_side, workload
 
 pytestmark = pytest.mark.bench
 
@@ -165,10 +165,46 @@ def test_summary_skips_warmup_and_ratios_pair_repetitions():
     assert agg["sides"]["klbench"]["s_per_step"] == {"min": 1.0, "median": 1.5, "max": 2.0}
 
 
-def test_busy_machine_is_flagged():
-    assert runner.load_note([0.4, 0.3, 0.2], [0.9, 0.5, 0.3], cores=2) is None
-    note = runner.load_note([0.4, 0.3, 0.2], [3.5, 1.0, 0.5], cores=2)
-    assert "3.50 on 2 cores" in note and "rerun on a quiet machine" in note
+def test_median_interval_has_the_binomial_coverage_it_states():
+    ci = fairness.median_ci([1.3, 1.1, 1.5, 1.2, 1.4])
+    assert (ci["lo"], ci["hi"], ci["coverage"]) == (1.1, 1.5, 1 - 2 / 32)  # n = 5: the extremes, 93.75%
+    assert fairness.median_ci([1.0, 2.0, 3.0, 4.0])["lo"] is None  # 4 values cannot give 90%
+    ten = fairness.median_ci([float(x) for x in range(10)])
+    assert (ten["lo"], ten["hi"]) == (1.0, 8.0) and math.isclose(ten["coverage"], 1 - 2 * 11 / 1024)
+
+
+def test_other_work_on_the_machine_is_measured(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    if fairness._proc_stat() is None:
+        pytest.skip("no /proc/stat on this system")
+    load = fairness.MachineLoad()
+    done = tmp_path / "done"
+    # a second of CPU in a process that is not this one's child (the shell exits at once, nobody waits for it)
+    busy = (f"import time, pathlib\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\n"
+            f"pathlib.Path({str(done)!r}).write_text('')")
+    subprocess.run(["sh", "-c", f'{sys.executable} -c "$0" &', busy], check=True)
+    deadline = time.monotonic() + 60
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    out = load.stop()
+    assert out["other_cpu_share"] * out["wall_s"] * out["cores"] > 0.8  # the child's second of CPU
+    assert out["quiet"] is False
+    note = runner.load_note(out)
+    assert "not quiet" in note and "rerun on a quiet machine" in note
+    assert runner.load_note({**out, "quiet": True}) is None
+
+
+@NEEDS_TRL
+def test_trl_runs_its_defaults_except_where_the_workload_needs_otherwise():
+    settings = trl_side.trl_settings(steps=5, seed=0, output_dir="/tmp/x", device="cpu")
+    assert set(settings) == set(trl_side.WHY)  # every setting passed has its reason
+    devs = {d["key"]: d for d in trl_side.trl_deviations(settings)}
+    assert devs["beta"]["trl_default"] == 0.0 and devs["loss_type"]["trl_default"] == "dapo"
+    assert "epsilon" not in devs and "num_generations" not in devs  # TRL's defaults already
+    assert all(d["why"] for d in devs.values())
 
 
 def test_without_trl_it_says_how_to_install(monkeypatch, capsys):
@@ -217,6 +253,21 @@ def test_profile_writes_the_op_table_and_the_matmul_floor(run_cli, miniature_cac
                       r"a 2048\^3 float32 matmul runs at ([0-9]+) GFLOP/s", text)
     assert floor and all(float(x) > 0 for x in floor.groups()), text[:2000]
     assert text.count("aten::mm") >= 2  # in both tables
+
+
+@pytest.mark.slow
+def test_contention_times_a_run_alone_and_beside_a_second_copy(run_cli, miniature_cache, tmp_path):
+    proc = run_cli("bench", "--contention", "--reps", "1", "--steps", "2", "--threads", "1", "kl=k3_as_loss",
+                   "--out", str(tmp_path), timeout=600)
+    report = json.loads((tmp_path / "contention.json").read_text())
+    assert report["run"] == "klbench run trainer.steps=2 trainer.threads=1 kl=k3_as_loss"
+    assert len(report["alone"]) == 1 and len(report["beside"]) == 2
+    assert all(c["steps"] == 2 and c["wall_s"] > c["steps_s"] > 0 for c in report["alone"] + report["beside"])
+    ratio = report["beside"][0]["wall_s"] / report["alone"][0]["wall_s"]
+    assert math.isclose(report["wall_ratio"]["all"][0],
+                        (report["beside"][0]["wall_s"] + report["beside"][1]["wall_s"]) / 2 / report["alone"][0]["wall_s"])
+    assert ratio > 0 and report["wall_ratio"]["lo"] is None  # one repetition: no interval
+    assert "OMP_WAIT_POLICY" in report["openmp"] and "wall time beside a second copy / alone" in proc.stdout
 
 
 @pytest.mark.slow

@@ -81,11 +81,11 @@ def run_klbench(spec: WorkerSpec) -> dict:
             if profiler is not None:
                 profiler.stop()
             trainer.close()
-    if profiler is not None:
-        _write_profile(profiler, spec)
+    floor = _write_profile(profiler, spec) if profiler is not None else None
     steps = ordered_steps(record, ends)
     return {
         "steps": steps,
+        "matmul_floor": floor,
         "startup_s": startup_s,
         "torch_threads": torch.get_num_threads(),
         "optimizer": type(trainer.backend.opt).__name__ if hasattr(trainer.backend, "opt") else None,
@@ -112,15 +112,17 @@ def _start_profiler(spec: WorkerSpec):
     return prof
 
 
-def _write_profile(prof, spec: WorkerSpec) -> None:
+def _write_profile(prof, spec: WorkerSpec) -> dict:
+    """Writes the op tables; returns the matrix products' floor (`matmul_floor`)."""
     path = Path(spec.profile)
     path.parent.mkdir(parents=True, exist_ok=True)
     averages = prof.key_averages()
+    floor = matmul_floor(averages, spec.steps)
     text = [
         f"torch.profiler over {spec.steps} klbench steps of workload {spec.workload} (after {spec.warmup} warm-up), "
         f"{spec.threads} threads; times are totals over those steps",
         "",
-        matmul_floor(averages, spec.steps),
+        floor["text"],
         "",
         "== by self CPU time ==",
         averages.table(sort_by="self_cpu_time_total", row_limit=30),
@@ -128,6 +130,7 @@ def _write_profile(prof, spec: WorkerSpec) -> None:
         averages.table(sort_by="cpu_time_total", row_limit=30),
     ]
     path.write_text("\n".join(text))
+    return floor
 
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
@@ -144,14 +147,15 @@ def peak_matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def matmul_floor(averages, steps: int) -> str:
-    """One paragraph: the step's matrix-product time and FLOPs per step, their rate against a large sgemm's,
-    and so the step time left if everything else cost nothing."""
+def matmul_floor(averages, steps: int) -> dict:
+    """The step's matrix-product time and FLOPs per step, a large sgemm's rate, and the step time left at that
+    rate if everything else cost nothing (`floor_s`); `text`: the same as one paragraph."""
     rows = [e for e in averages if e.key in MATMUL_OPS]
     secs = sum(e.self_cpu_time_total for e in rows) / 1e6 / steps
     gflop = sum(e.flops for e in rows) / 1e9 / steps
     peak = peak_matmul_gflops()
-    return (f"matrix products ({', '.join(MATMUL_OPS)}): {secs:.3f} s and {gflop:.1f} GFLOP per step, "
+    text = (f"matrix products ({', '.join(MATMUL_OPS)}): {secs:.3f} s and {gflop:.1f} GFLOP per step, "
             f"{gflop / max(secs, 1e-9):.0f} GFLOP/s; a 2048^3 float32 matmul runs at {peak:.0f} GFLOP/s on the same "
             f"threads. With every other cost at zero a step would still take {secs:.3f} s "
             f"({gflop / peak:.3f} s at that peak rate).")
+    return {"matmul_s": secs, "gflop": gflop, "peak_gflops": peak, "floor_s": gflop / peak, "text": text}

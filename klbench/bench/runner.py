@@ -18,8 +18,10 @@ from pathlib import Path
 
 from klbench import tables
 from klbench.bench import ablations
+from klbench.bench.contention import bench_contention
+from klbench.bench.fairness import CI_LEVEL, MachineLoad, describe, median_ci
 from klbench.bench.klbench_side import run_klbench
-from klbench.bench.trl_side import run_trl, trl_settings
+from klbench.bench.trl_side import run_trl, trl_deviations, trl_settings
 from klbench.bench.vllm_side import run_vllm
 from klbench.bench.workload import (
     ADAM_BETAS,
@@ -155,12 +157,16 @@ def aggregate(runs: dict[str, list[dict]], baseline: str, others: list[str]) -> 
         other: spread([o["s_per_step"] / b["s_per_step"] for o, b in zip(runs[other], runs[baseline])])
         for other in others
     }
+    ratio_ci = {
+        other: median_ci([o["s_per_step"] / b["s_per_step"] for o, b in zip(runs[other], runs[baseline])])
+        for other in others
+    }
     # the same from per-run median step times: robust to a few steps slowed by other load on the machine
     ratios_of_medians = {
         other: spread([o["step_s_median"] / b["step_s_median"] for o, b in zip(runs[other], runs[baseline])])
         for other in others
     }
-    return {"sides": sides, "ratios": ratios, "ratios_of_median_steps": ratios_of_medians}
+    return {"sides": sides, "ratios": ratios, "ratio_ci": ratio_ci, "ratios_of_median_steps": ratios_of_medians}
 
 
 def versions(with_trl: bool = True, with_vllm: bool = False) -> dict:
@@ -178,15 +184,17 @@ def versions(with_trl: bool = True, with_vllm: bool = False) -> dict:
     return out
 
 
-def load_note(before: list[float], after: list[float], cores: int) -> str | None:
-    """A warning when other work shared the machine (1-min load average above half the cores)."""
-    load = max(before[0], after[0])
-    if load > 0.5 * cores:
-        return (
-            f"the machine was busy (1-min load average up to {load:.2f} on {cores} cores, this benchmark "
-            "included): timings are noisy; rerun on a quiet machine"
-        )
+def load_note(load: dict) -> str | None:
+    """A warning when other work shared the machine while the benchmark ran."""
+    if load["quiet"] is False:
+        return f"the machine was not quiet: {describe(load)}; timings are noisy, rerun on a quiet machine"
     return None
+
+
+def ci_text(ci: dict) -> str:
+    if ci["lo"] is None:
+        return f"no {100 * CI_LEVEL:.0f}% interval from {ci['n']} repetition(s): run --reps 5 or more"
+    return f"{100 * ci['coverage']:.1f}% interval for the median {ci['lo']:.3f}-{ci['hi']:.3f}"
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -202,8 +210,7 @@ def render_markdown(report: dict) -> str:
         f"command: `{report['command']}`  ",
         f"commit: {report['commit']['commit']}{' (dirty)' if report['commit']['dirty'] else ''}  ",
         f"machine: {report['machine'].get('cpu', '?')}, {report['machine'].get('cores')} logical cores, "
-        f"{report['machine'].get('ram_gb', '?')} GiB RAM; load average before/after "
-        f"{report['load_before'][0]:.2f} / {report['load_after'][0]:.2f}  ",
+        f"{report['machine'].get('ram_gb', '?')} GiB RAM; while it ran: {describe(report['machine_load'])}  ",
         "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + "  ",
         f"model: {wl['parameters'] / 1e6:.2f}M parameters (d{wl['hidden_size']}, L{wl['num_hidden_layers']}, "
         f"vocab {wl['vocab_size']}); {SAMPLES_PER_STEP} completions x <= {MAX_NEW_TOKENS} tokens per step; "
@@ -225,8 +232,9 @@ def render_markdown(report: dict) -> str:
     for other, r in s["ratios"].items():
         m = s["ratios_of_median_steps"][other]
         lines.append(
-            f"ratio {other}/klbench (s/step, > 1: klbench is faster): min {r['min']:.3f}, median {r['median']:.3f}, "
-            f"max {r['max']:.3f} over repetitions; from each run's median step: median {m['median']:.3f} "
+            f"ratio {other}/klbench (s/step, > 1: klbench is faster): **median {r['median']:.3f}** "
+            f"({ci_text(s['ratio_ci'][other])}; min {r['min']:.3f}, max {r['max']:.3f} over "
+            f"{report['reps']} repetitions); from each run's median step: median {m['median']:.3f} "
             f"(min {m['min']:.3f}, max {m['max']:.3f})"
         )
     lines += [
@@ -242,6 +250,12 @@ def render_markdown(report: dict) -> str:
         "`klbench/bench/__init__.py`'s docstring.",
         "",
     ]
+    devs = report.get("settings", {}).get("trl_deviations", [])
+    if devs:
+        lines += ["TRL runs its defaults except for these settings:", "",
+                  tables.markdown(["GRPOConfig", "TRL default", "here", "why"],
+                                  [[f"`{d['key']}`", repr(d["trl_default"]), repr(d["value"]), d["why"]] for d in devs]),
+                  ""]
     return "\n".join(lines)
 
 
@@ -256,8 +270,8 @@ def print_table(report: dict) -> None:
               f"{report['threads']} threads, {report['steps']} timed steps x {report['reps']} rep(s)"))
     for other, r in s["ratios"].items():
         m = s["ratios_of_median_steps"][other]
-        print(f"  ratio {other}/klbench s/step: min {r['min']:.3f}  median {r['median']:.3f}  max {r['max']:.3f}"
-              f"   (of median steps: {m['median']:.3f})")
+        print(f"  ratio {other}/klbench s/step: median {r['median']:.3f} ({ci_text(s['ratio_ci'][other])}); "
+              f"min {r['min']:.3f}  max {r['max']:.3f}   (of median steps: {m['median']:.3f})")
     if report.get("note"):
         print(f"  note: {report['note']}")
 
@@ -277,7 +291,12 @@ def base_report(
         "machine": machine_info(), "versions": versions(with_trl, with_vllm),
         "workload": {"name": workload.name, **model_info(model_dir)}, "threads": args.threads,
         "steps": args.steps, "warmup": args.warmup, "reps": args.reps, "device": args.device,
-        "seed": args.seed, "load_before": list(os.getloadavg())}
+        "seed": args.seed, "load_before": list(os.getloadavg()), "openmp": openmp_env()}
+
+
+def openmp_env() -> dict:
+    """The OpenMP settings every worker inherits (klbench's CLI sets its defaults before torch loads)."""
+    return {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
 
 
 def worker_spec(side: str, args, workload: Workload, model_dir: Path, **extra) -> WorkerSpec:
@@ -288,6 +307,7 @@ def worker_spec(side: str, args, workload: Workload, model_dir: Path, **extra) -
 
 def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, stem: str) -> dict:
     report = base_report(argv, args, workload, model_dir)
+    machine_load = MachineLoad()
     specs = {side: worker_spec(side, args, workload, model_dir) for side in SIDES}
     raw: dict[str, list[dict]] = {side: [] for side in SIDES}
     problems = []
@@ -311,8 +331,10 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
             "the two sides did not do the work of one RL step per step:\n  " + "\n  ".join(problems[:20])
         )
     summaries = {side: [summarize_run(r, args.warmup) for r in raw[side]] for side in SIDES}
-    report["load_after"] = list(os.getloadavg())
-    report["note"] = load_note(report["load_before"], report["load_after"], os.cpu_count() or 1)
+    report["machine_load"] = machine_load.stop()
+    report["load_after"] = report["machine_load"]["load_after"]
+    report["quiet"] = report["machine_load"]["quiet"]
+    report["note"] = load_note(report["machine_load"])
     report["summary"] = aggregate(summaries, "klbench", ["trl"])
     report["settings"] = {
         "shared": {"prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
@@ -323,6 +345,8 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
         + " ".join(raw["klbench"][0]["config_overrides"]).replace(str(model_dir), "<model_dir>"),
         "trl": trl_settings(steps=args.warmup + args.steps, seed=args.seed, output_dir="<tmp>",
             device=args.device),
+        "trl_deviations": trl_deviations(trl_settings(steps=args.warmup + args.steps, seed=args.seed,
+            output_dir="<tmp>", device=args.device)),
         "optimizers": {side: raw[side][0].get("optimizer") for side in SIDES},
         "torch_threads": {side: raw[side][0].get("torch_threads") for side in SIDES},
     }
@@ -331,6 +355,8 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
         for side in SIDES
     }
     print_table(report)
+    if report["quiet"] is False:  # never in place of a result measured on a quiet machine
+        stem += "-busy"
     jpath, mpath = write_report(report, Path(args.out), stem)
     print(f"  wrote {jpath} and {mpath}")
     return report
@@ -432,6 +458,7 @@ def bench_engine_overhead(argv, args, workload: Workload, model_dir: Path, work:
         print(f"engine overhead: vLLM is not installed ({VLLM_HINT}); skipped")
         return None
     report = base_report(argv, args, workload, model_dir, with_trl=False, with_vllm=True)
+    machine_load = MachineLoad()
     raw: dict[str, list[dict]] = {side: [] for side in ENGINE_SIDES}
     for rep in range(args.reps):
         for side in ENGINE_SIDES:
@@ -447,8 +474,9 @@ def bench_engine_overhead(argv, args, workload: Workload, model_dir: Path, work:
         timed = [r for r in result["steps"] if r["step"] > args.warmup]
         return sum(r["completion_tokens"] for r in timed) / sum(r["step_s"] for r in timed)
 
-    report["load_after"] = list(os.getloadavg())
-    report["note"] = load_note(report["load_before"], report["load_after"], os.cpu_count() or 1)
+    report["machine_load"] = machine_load.stop()
+    report["load_after"] = report["machine_load"]["load_after"]
+    report["note"] = load_note(report["machine_load"])
     report["new_tokens"] = args.new_tokens
     report["tokens_per_s"] = {side: spread([tok_s(r) for r in raw[side]]) for side in ENGINE_SIDES}
     report["engine_over_bare"] = {
@@ -492,12 +520,19 @@ def bench_profile(argv, args, workload: Workload, model_dir: Path, work: Path) -
         f"commit: {report['commit']['commit']}{' (dirty)' if report['commit']['dirty'] else ''}",
         f"machine: {json.dumps(report['machine'])}; load average before {report['load_before'][0]:.2f}",
         f"versions: {json.dumps(report['versions'])}",
-        f"s/step under the profiler: {s['s_per_step']:.3f} ({phases})", ""]
+        f"s/step under the profiler: {s['s_per_step']:.3f} ({phases})",
+        efficiency_line(result["matmul_floor"], s["s_per_step"]), ""]
     path.write_text("\n".join(header) + path.read_text())
-    print(
-        f"[profile {workload.name}] {s['s_per_step']:.3f} s/step under the profiler ({phases}); wrote {path}"
-    )
+    print(f"[profile {workload.name}] {s['s_per_step']:.3f} s/step under the profiler ({phases}); "
+          f"{efficiency_line(result['matmul_floor'], s['s_per_step'])}; wrote {path}")
     return path
+
+
+def efficiency_line(floor: dict, s_per_step: float) -> str:
+    """Arithmetic efficiency: the step's matrix products at a large sgemm's rate over the step's time."""
+    return (f"efficiency {100 * floor['floor_s'] / s_per_step:.0f}% ({floor['gflop']:.1f} GFLOP per step at "
+            f"{floor['peak_gflops']:.0f} GFLOP/s = {floor['floor_s']:.3f} s, over {s_per_step:.3f} s per step; the "
+            "profiler's own overhead is in the step time)")
 
 
 def bench_ablations(argv, args, workload: Workload, model_dir: Path) -> Path:
@@ -531,7 +566,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="model size(s): 1m (SFT miniature), 25m, 100m (random init) [1m; engine overhead: 25m]")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run [20; curves: 100; short: 3]")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per run [3; short: 1]")
-    p.add_argument("--reps", type=int, default=None, help="repetitions of A B [3; short: 1]")
+    p.add_argument("--reps", type=int, default=None, help="repetitions of A B [5, the fewest that give a 90%% interval for the median; short: 1]")
     p.add_argument(
         "--threads",
         type=int,
@@ -551,12 +586,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mode.add_argument("--engine-overhead", action="store_true",
         help="rollout tokens/s: klbench's VLLMEngine vs bare vllm.LLM.generate (25m)")
     mode.add_argument("--profile", action="store_true", help="torch.profiler table of klbench's step")
+    mode.add_argument("--contention", action="store_true",
+        help="a `klbench run` alone against two copies side by side (wall-time ratio; writes contention.json); "
+        "--steps sets trainer.steps, --threads trainer.threads, further KEY=VALUE overrides follow")
     mode.add_argument("--ablations", action="store_true",
         help="each step optimisation timed against the plain code it replaced (median of --reps, default 15)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="--contention: overrides of the run")
     p.add_argument("--new-tokens", type=int, default=MAX_NEW_TOKENS,
         help=f"tokens per completion for --engine-overhead [{MAX_NEW_TOKENS}]")
     args = p.parse_args(argv)
-    defaults = {"steps": 20, "warmup": 3, "reps": 3, "threads": os.cpu_count() or 1}
+    defaults = {"steps": 20, "warmup": 3, "reps": 5, "threads": os.cpu_count() or 1}
     if args.short:
         if args.workload not in (None, ["1m"]):
             p.error("--short runs the 1m workload; drop --workload")
@@ -567,12 +606,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         defaults = {**defaults, "steps": 10, "warmup": 2, "reps": 1}
     elif args.ablations:
         defaults = {**defaults, "reps": 15}
+    elif args.contention:  # the run's own steps and threads unless given
+        defaults = {"steps": None, "warmup": 0, "reps": 5, "threads": None}
+    if args.overrides and not args.contention:
+        p.error(f"KEY=VALUE arguments ({args.overrides[0]}) only apply to --contention")
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.workload = args.workload or (["25m"] if args.engine_overhead else ["1m"])
     for k in ("steps", "reps", "threads", "new_tokens"):
-        if getattr(args, k) < 1:
+        if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
@@ -587,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     writable_dir(args.out)
-    needs_trl = not (args.engine_overhead or args.profile or args.ablations)
+    needs_trl = not (args.engine_overhead or args.profile or args.ablations or args.contention)
     if needs_trl and (importlib.util.find_spec("trl") is None or importlib.util.find_spec("psutil") is None):
         print(f"klbench: error: {INSTALL_HINT}", file=sys.stderr)
         return 2
@@ -596,6 +639,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="klbench-bench-") as tmp:
             work = Path(tmp)
+            if args.contention:
+                given = {"trainer.steps": args.steps, "trainer.threads": args.threads}
+                overrides = [f"{k}={v}" for k, v in given.items() if v is not None] + args.overrides
+                bench_contention("klbench bench " + " ".join(shlex.quote(a) for a in argv), overrides, args.reps,
+                                 Path(args.out), work)
+                return 0
             for name in args.workload:
                 workload = WORKLOADS[name]
                 model_dir = None if args.engine_overhead else model_dir_for(workload, work)

@@ -27,55 +27,70 @@ from klbench.data import build_task
 from klbench.data.example import Example
 from klbench.reward import build_reward
 
+#: Why each `GRPOConfig` keyword of `trl_settings` is passed. Everything else is TRL's default; the report
+#: lists every value that differs from TRL's own default with its reason (`trl_deviations`).
+WHY = {
+    "per_device_train_batch_size": "TRL counts completions: 16 prompts x 8 = the workload's 128 per step",
+    "gradient_accumulation_steps": "one optimizer step per RL step, as klbench",
+    "num_generations": "the workload's group size",
+    "num_iterations": "one update pass per batch (klbench's algo.ppo_epochs=1)",
+    "max_steps": "warm-up + timed steps",
+    "shuffle_dataset": "step s gets klbench's prompts of step s",
+    "max_completion_length": "the workload's max new tokens",
+    "temperature": "the workload's sampling", "top_p": "the workload's sampling", "top_k": "the workload's sampling",
+    "use_vllm": "both sides sample with transformers on this workload",
+    "beta": "the workload's KL coefficient (TRL's default 0 has no KL term, the subject of the benchmark)",
+    "loss_type": "per-sequence token mean, klbench's algo=grpo aggregation (TRL's default dapo normalises "
+    "over all tokens of the batch)",
+    "use_bias_correction_kl": "plain k3 as loss, what kl=k3_as_loss computes (TRL's default multiplies k3 by "
+    "the importance ratio)",
+    "epsilon": "the workload's clip range", "scale_rewards": "group-std advantages, as algo=grpo",
+    "mask_truncated_completions": "truncated completions train, as in klbench",
+    "disable_dropout": "klbench trains without dropout",
+    "learning_rate": "the workload's learning rate", "adam_beta1": "the workload's AdamW betas",
+    "adam_beta2": "the workload's AdamW betas", "weight_decay": "klbench's AdamW has no weight decay",
+    "max_grad_norm": "the workload's gradient clip",
+    "lr_scheduler_type": "klbench's constant learning rate (TRL's default decays it linearly to 0)",
+    "warmup_steps": "no learning-rate warm-up, as klbench",
+    "bf16": "identical float32 work on both sides (TRL's default turns bf16 on where the hardware has it)",
+    "fp16": "identical float32 work on both sides",
+    "gradient_checkpointing": "klbench keeps activations; TRL's default recomputes them (more arithmetic, less "
+    "memory)",
+    "model_init_kwargs": "float32 weights on both sides",
+    "use_cpu": "the device of --device", "seed": "--seed", "output_dir": "a temporary directory",
+    "logging_steps": "the benchmark reads reward and KL of every step from TRL's logs",
+    "report_to": "no tracker on either side", "save_strategy": "no checkpoints on either side",
+    "disable_tqdm": "no progress bar on either side", "log_completions": "no sample tables on either side",
+    "dataloader_num_workers": "data in the training process, as klbench",
+}
+
 
 def trl_settings(*, steps: int, seed: int, output_dir: str, device: str) -> dict[str, Any]:
-    """`GRPOConfig` keyword arguments that make TRL's step the one klbench runs (docs/performance.md)."""
+    """`GRPOConfig` keyword arguments that make TRL's step the one klbench runs (reasons: `WHY`)."""
     return dict(
-        # one generation round of 128 completions and one optimizer step per step
-        per_device_train_batch_size=SAMPLES_PER_STEP,  # TRL counts completions
-        gradient_accumulation_steps=1,
-        num_generations=GROUP_SIZE,
-        num_iterations=1,
-        max_steps=steps,
-        shuffle_dataset=False,  # step s gets klbench's prompts of step s
-        # sampling
-        max_completion_length=MAX_NEW_TOKENS,
-        temperature=TEMPERATURE,
-        top_p=1.0,
-        top_k=0,
-        use_vllm=False,
-        # objective
-        beta=BETA,
-        loss_type="grpo",  # per-sequence token mean (default "dapo")
-        use_bias_correction_kl=False,  # plain k3 (default True multiplies it by the IS ratio)
-        epsilon=CLIP_EPS,
-        scale_rewards="group",
-        mask_truncated_completions=False,
-        disable_dropout=True,
-        # optimizer
-        learning_rate=LR,
-        adam_beta1=ADAM_BETAS[0],
-        adam_beta2=ADAM_BETAS[1],
-        weight_decay=0.0,
-        max_grad_norm=GRAD_CLIP,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        # numerics and memory
-        bf16=False,  # default True
-        fp16=False,
-        gradient_checkpointing=False,  # default True
-        model_init_kwargs={"dtype": "float32"},
+        per_device_train_batch_size=SAMPLES_PER_STEP, gradient_accumulation_steps=1, num_generations=GROUP_SIZE,
+        num_iterations=1, max_steps=steps, shuffle_dataset=False,
+        max_completion_length=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, top_k=0, use_vllm=False,
+        beta=BETA, loss_type="grpo", use_bias_correction_kl=False, epsilon=CLIP_EPS, scale_rewards="group",
+        mask_truncated_completions=False, disable_dropout=True,
+        learning_rate=LR, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], weight_decay=0.0,
+        max_grad_norm=GRAD_CLIP, lr_scheduler_type="constant", warmup_steps=0,
+        bf16=False, fp16=False, gradient_checkpointing=False, model_init_kwargs={"dtype": "float32"},
         use_cpu=device == "cpu",
-        # bookkeeping off the hot path
-        seed=seed,
-        output_dir=output_dir,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        log_completions=False,
-        dataloader_num_workers=0,
+        seed=seed, output_dir=output_dir, logging_steps=1, report_to="none", save_strategy="no",
+        disable_tqdm=True, log_completions=False, dataloader_num_workers=0,
     )
+
+
+def trl_deviations(settings: dict[str, Any]) -> list[dict]:
+    """Each setting that differs from the installed TRL's `GRPOConfig` default, with its reason."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    return [{"key": k, "value": v, "trl_default": defaults.get(k), "why": WHY[k]}
+            for k, v in settings.items() if defaults.get(k) != v]
 
 
 def run_trl(spec: WorkerSpec) -> dict:
