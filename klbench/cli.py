@@ -309,13 +309,19 @@ def _command(cmd: str, rest: list[str]) -> int | None:
     fail(f"unknown command {cmd!r}; commands: run, eval, verify, audit, report, bench")
 
 
+#: Busy-wait iterations of an idle OpenMP thread before it sleeps (libgomp's default: 300000).
+OPENMP_SPIN_COUNT = 2000
+
+
 def main(argv: list[str] | None = None) -> None:
     """The error boundary of every command: a known failure is one line; anything else is one line too
     unless KLBENCH_DEBUG=1 asks for the traceback. Exit status 2: usage, 1: the work failed."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # before torch loads: OpenMP threads that spin while waiting collapse as soon as anything else runs on
-    # the cores (2 threads: 6-8 instead of 53 tokens/s); passive waiting degrades in proportion instead
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # before torch loads: OpenMP threads that spin while they wait collapse as soon as anything else runs on
+    # the cores, and threads that sleep at once wake too slowly for small models; a short spin does both
+    # (docs/performance.md, "Sharing the machine"). The user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", str(OPENMP_SPIN_COUNT))
     logging.basicConfig(level=os.environ.get("KLBENCH_LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
