@@ -45,7 +45,7 @@ class TorchBackend:
         """Backward of one micro-batch's share of the mini-batch loss; `step` takes the last one."""
         loss.backward()
 
-    def step(self, loss: torch.Tensor) -> float:
+    def step(self, loss: torch.Tensor) -> torch.Tensor:
         loss.backward()
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.cfg.grad_clip > 0:
@@ -54,7 +54,7 @@ class TorchBackend:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()  # a tensor: the loop reads all metrics in one transfer per step
 
     def end_of_step(self) -> None:
         self.sched.step()

@@ -277,9 +277,12 @@ class Trainer:
         world = self.dist.world
         mb = algo_mini_batch(self.cfg, world) // world  # this rank's share of each mini-batch
         gen = torch.Generator().manual_seed(self.cfg.seed * 31 + step)
-        sums: dict[str, float] = {}
+        # Metrics stay tensors (float64, so the sums equal those of Python floats) until one transfer at the
+        # end: no host sync per mini-batch beyond the finiteness check that must precede each optimizer step.
+        sums: dict[str, torch.Tensor] = {}
         counts = 0
-        ratio_max = 1.0
+        ratio_max = torch.ones((), dtype=torch.float64, device=self.device)
+        grad_norms = []
         for epoch in range(algo.ppo_epochs):
             order = torch.randperm(n, generator=gen) if mb < n else torch.arange(n)
             for idx in order.split(mb):
@@ -290,7 +293,7 @@ class Trainer:
                 n_tok = mini.response_mask.sum()
                 w = float(n_tok) * world / self.dist.sum(n_tok) if world > 1 else 1.0
                 offset = 0
-                vals: dict[str, float] = {}
+                vals: dict[str, torch.Tensor] = {}
                 parts = self.micro_batches(mini)
                 for part in parts:
                     # gradients accumulate over micro-batches: each carries its share of the mini-batch loss,
@@ -311,33 +314,37 @@ class Trainer:
                     loss = agg_w * pg.loss + beta * kl_term
                     check_finite(step, **{"loss/pg": pg.loss, "loss/kl": kl_term})
                     if part is parts[-1]:
-                        grad_norm = self.backend.step(loss)
+                        grad_norms.append(self.backend.step(loss))
                     else:
                         self.backend.accumulate(loss)
-                    clamped = 0.0
+                    share = w * tok_share
+                    part_vals = {"loss/pg": _f64(pg.loss) * agg_w, "loss/kl": _f64(beta * kl_term),
+                                 "loss/total": _f64(loss), "off/ratio_mean": _f64(pg.ratio_mean) * share,
+                                 "off/clipfrac": _f64(pg.clipfrac) * share,
+                                 "rollout/entropy": _f64(masked_mean(ent, mask)) * share}
                     if self.kl.as_loss and self.kl.log_ratio_clamp is not None:
-                        clamped = (tok_share if self.kl.level == "token" else seq_share) * kl_lib.clamp_fraction(
-                            logp, ref, mask, log_ratio_clamp=self.kl.log_ratio_clamp, level=self.kl.level).item()
-                    for k, v in {"loss/pg": agg_w * pg.loss.item(), "loss/kl": (beta * kl_term).item(),
-                                 "loss/total": loss.item(), "off/ratio_mean": w * tok_share * pg.ratio_mean.item(),
-                                 "off/clipfrac": w * tok_share * pg.clipfrac.item(),
-                                 "rollout/entropy": w * tok_share * masked_mean(ent, mask).item(),
-                                 "kl/clamp_rate": clamped}.items():
+                        part_vals["kl/clamp_rate"] = (tok_share if self.kl.level == "token" else seq_share) * _f64(
+                            kl_lib.clamp_fraction(logp, ref, mask, log_ratio_clamp=self.kl.log_ratio_clamp,
+                                                  level=self.kl.level))
+                    for k, v in part_vals.items():
                         vals[k] = vals[k] + v if k in vals else v
-                    ratio_max = max(ratio_max, pg.ratio_max.item())
-                check_finite(step, **{"loss/grad_norm": torch.as_tensor(grad_norm)})
-                vals["loss/grad_norm"] = float(grad_norm)
+                    ratio_max = torch.maximum(ratio_max, _f64(pg.ratio_max))
+                grad_norms[-1] = _f64(torch.as_tensor(grad_norms[-1], device=self.device))
+                vals["loss/grad_norm"] = grad_norms[-1]
                 if first:
                     sums["rollout/entropy_first"] = vals["rollout/entropy"]
                 for k, v in vals.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                    sums[k] = sums[k] + v if k in sums else v
                 counts += 1
-        skip = ("rollout/entropy_first", *(() if self.kl.as_loss and self.kl.log_ratio_clamp is not None
-                                             else ("kl/clamp_rate",)))
-        out = {k: self.dist.mean(v / counts) for k, v in sums.items() if k not in skip}
+        keys = list(sums)
+        *values, rmax = torch.stack([sums[k] for k in keys] + [ratio_max]).tolist()  # the one transfer
+        host = dict(zip(keys, values))
+        if not math.isfinite(host["loss/grad_norm"]):  # the sum is finite only if every mini-batch's norm is
+            check_finite(step, **{"loss/grad_norm": torch.stack(grad_norms)})
+        out = {k: self.dist.mean(v / counts) for k, v in host.items() if k != "rollout/entropy_first"}
         # entropy of the policy that sampled the batch: the first (on-policy) mini-batch's
-        out["rollout/entropy"] = self.dist.mean(sums["rollout/entropy_first"])
-        out["off/ratio_max"] = self.dist.max(ratio_max)
+        out["rollout/entropy"] = self.dist.mean(host["rollout/entropy_first"])
+        out["off/ratio_max"] = self.dist.max(rmax)
         self.backend.end_of_step()
         return out
 
@@ -396,6 +403,11 @@ class Trainer:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    """A detached scalar metric in float64 (exact for float32 values), on its device: no host sync."""
+    return x.detach().to(torch.float64)
 
 
 def algo_mini_batch(cfg: Config, world: int) -> int:
