@@ -1,6 +1,7 @@
 """The `klbench` command end to end on the miniature: smoke, files, determinism, help."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -18,6 +19,20 @@ def test_help_lists_subcommands(run_cli):
     out = run_cli("--help").stdout
     for cmd in ("run", "eval", "verify", "report", "bench"):
         assert f"  {cmd} " in out
+
+
+@pytest.mark.parametrize("user", [{}, {"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "7"}])
+def test_openmp_spins_briefly_unless_the_user_chose(monkeypatch, capsys, user):
+    from klbench import cli
+
+    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in user.items():
+        monkeypatch.setenv(k, v)
+    cli.main(["--help"])
+    expected = user.get("GOMP_SPINCOUNT") if user else str(cli.OPENMP_SPIN_COUNT)
+    assert os.environ.get("GOMP_SPINCOUNT") == expected
+    assert os.environ.get("OMP_WAIT_POLICY") == user.get("OMP_WAIT_POLICY")
 
 
 def test_cfg_job_prints_composed_config(run_cli):
