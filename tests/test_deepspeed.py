@@ -84,7 +84,7 @@ def rl_steps(
     norms, lrs = [], []
     for s in range(steps):
         for x in data[s * minis : (s + 1) * minis]:
-            norms.append(backend.step(backend.model(input_ids=x, labels=x).loss))
+            norms.append(float(backend.step(backend.model(input_ids=x, labels=x).loss)))  # torch: a tensor
         backend.end_of_step()
         lrs.append(backend.lr)
     return norms, lrs

@@ -2,7 +2,8 @@
 
 A backend owns the optimizer and LR schedule. `model` is what training forwards must go through
 (the DDP / DeepSpeed wrapper), `step(loss)` does backward + clip + optimizer step and returns the
-pre-clip gradient norm (torch: after `accumulate(loss)` of a mini-batch's earlier micro-batches),
+pre-clip gradient norm (torch: a 0-dim tensor, read with the step's other metrics; after
+`accumulate(loss)` of a mini-batch's earlier micro-batches),
 `end_of_step()` advances the schedule once per RL step. `full_weights()`
 is the context in which the raw policy module may be read outside a training forward (sampling,
 weight syncs, evaluation, saving), and `prepare_reference(ref)` the frozen π_ref as forwards use
