@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from klbench.bench.fairness import MachineLoad, describe, median_ci
+from klbench.bench.fairness import MachineLoad, describe, load_note, median_ci, openmp_env
 from klbench.bench.workload import BenchError
 from klbench.provenance import git_info, machine_info
 
@@ -27,26 +27,33 @@ RUN_TIMEOUT_S = 3600
 def _start(overrides: list[str], run_dir: Path, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "klbench", "run", *overrides, "logger=none", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    with log.open("w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def run_copies(n: int, overrides: list[str], work: Path, tag: str) -> list[dict]:
-    """Start `n` copies of `klbench run <overrides>` at once; per copy its wall time and step times."""
+    """Start `n` copies of `klbench run <overrides>` at once; per copy its wall time (to its own exit) and
+    step times."""
     t0 = time.perf_counter()
-    procs = [(i, _start(overrides, work / f"{tag}-{i}", work / f"{tag}-{i}.log")) for i in range(n)]
+    procs = [_start(overrides, work / f"{tag}-{i}", work / f"{tag}-{i}.log") for i in range(n)]
+    ended: dict[int, float] = {}
+    while len(ended) < n:
+        now = time.perf_counter()
+        for i, proc in enumerate(procs):
+            if i not in ended and proc.poll() is not None:
+                ended[i] = now - t0
+        if now - t0 > RUN_TIMEOUT_S:
+            for proc in procs:
+                proc.kill()
+            raise BenchError(f"klbench run ran past {RUN_TIMEOUT_S}s; logs: {work / tag}-*.log")
+        time.sleep(0.05)
     out = []
-    for i, proc in procs:
-        try:
-            code = proc.wait(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired as e:
-            proc.kill()
-            raise BenchError(f"klbench run ran past {RUN_TIMEOUT_S}s; log: {work / f'{tag}-{i}.log'}") from e
-        wall = time.perf_counter() - t0
-        if code != 0:
+    for i, proc in enumerate(procs):
+        if proc.returncode != 0:
             tail = "\n".join((work / f"{tag}-{i}.log").read_text(errors="replace").splitlines()[-15:])
-            raise BenchError(f"klbench run {' '.join(overrides)} failed (exit {code}):\n{tail}")
+            raise BenchError(f"klbench run {' '.join(overrides)} failed (exit {proc.returncode}):\n{tail}")
         steps = [json.loads(line)["perf/step_s"] for line in (work / f"{tag}-{i}" / "metrics.jsonl").open()]
-        out.append({"wall_s": wall, "steps_s": sum(steps), "step_s_median": statistics.median(steps),
+        out.append({"wall_s": ended[i], "steps_s": sum(steps), "step_s_median": statistics.median(steps),
                     "steps": len(steps)})
     return out
 
@@ -71,17 +78,18 @@ def bench_contention(command: str, overrides: list[str], reps: int, out_dir: Pat
                    for r in range(reps)]
     report = {"command": command, "run": "klbench run " + " ".join(overrides), "reps": reps,
               "commit": git_info(), "machine": machine_info(),
-              "openmp": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")},
+              "openmp": openmp_env(),
               "alone": alone, "beside": beside,
               "wall_ratio": {"median": statistics.median(ratios), **median_ci(ratios), "all": ratios},
               "step_ratio": {"median": statistics.median(step_ratios), **median_ci(step_ratios), "all": step_ratios}}
-    # two copies share the cores: the load is this benchmark's own, so only steal says the host was busy
+    # the copies are this benchmark's own children: only other processes and steal count against it
     report["machine_load"] = machine_load.stop()
+    report["note"] = load_note(report["machine_load"])
     w = report["wall_ratio"]
     interval = f", interval {w['lo']:.2f}-{w['hi']:.2f} ({100 * w['coverage']:.1f}%)" if w["lo"] is not None else ""
     print(f"[contention] wall time beside a second copy / alone: median {w['median']:.2f}{interval} over {reps} "
           f"repetitions; median step time ratio {report['step_ratio']['median']:.2f}")
-    print(f"[contention] {describe(report['machine_load'])}")
+    print(f"[contention] {report['note'] or describe(report['machine_load'])}")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "contention.json"
     path.write_text(json.dumps(report, indent=1))

@@ -69,6 +69,18 @@ class MachineLoad:
         return out
 
 
+def openmp_env() -> dict:
+    """The OpenMP settings every benchmarked process inherits (klbench's CLI sets its default before torch loads)."""
+    return {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+
+
+def load_note(load: dict) -> str | None:
+    """A warning when other work shared the machine while the benchmark ran."""
+    if load["quiet"] is False:
+        return f"the machine was not quiet: {describe(load)}; timings are noisy, rerun on a quiet machine"
+    return None
+
+
 def describe(load: dict) -> str:
     """One line on the machine's state during a benchmark."""
     if load["quiet"] is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from klbench import tables
 from klbench.bench import ablations
 from klbench.bench.contention import bench_contention
-from klbench.bench.fairness import CI_LEVEL, MachineLoad, describe, median_ci
+from klbench.bench.fairness import CI_LEVEL, MachineLoad, describe, load_note, median_ci, openmp_env
 from klbench.bench.klbench_side import run_klbench
 from klbench.bench.trl_side import run_trl, trl_deviations, trl_settings
 from klbench.bench.vllm_side import run_vllm
@@ -153,14 +153,10 @@ def aggregate(runs: dict[str, list[dict]], baseline: str, others: list[str]) -> 
             for k in keys
             if all(isinstance(s.get(k), (int, float)) for s in summaries)
         }
-    ratios = {
-        other: spread([o["s_per_step"] / b["s_per_step"] for o, b in zip(runs[other], runs[baseline])])
-        for other in others
-    }
-    ratio_ci = {
-        other: median_ci([o["s_per_step"] / b["s_per_step"] for o, b in zip(runs[other], runs[baseline])])
-        for other in others
-    }
+    per_rep = {other: [o["s_per_step"] / b["s_per_step"] for o, b in zip(runs[other], runs[baseline])]
+               for other in others}
+    ratios = {other: spread(r) for other, r in per_rep.items()}
+    ratio_ci = {other: median_ci(r) for other, r in per_rep.items()}
     # the same from per-run median step times: robust to a few steps slowed by other load on the machine
     ratios_of_medians = {
         other: spread([o["step_s_median"] / b["step_s_median"] for o, b in zip(runs[other], runs[baseline])])
@@ -182,13 +178,6 @@ def versions(with_trl: bool = True, with_vllm: bool = False) -> dict:
         except PackageNotFoundError:
             continue
     return out
-
-
-def load_note(load: dict) -> str | None:
-    """A warning when other work shared the machine while the benchmark ran."""
-    if load["quiet"] is False:
-        return f"the machine was not quiet: {describe(load)}; timings are noisy, rerun on a quiet machine"
-    return None
 
 
 def ci_text(ci: dict) -> str:
@@ -294,11 +283,6 @@ def base_report(
         "seed": args.seed, "load_before": list(os.getloadavg()), "openmp": openmp_env()}
 
 
-def openmp_env() -> dict:
-    """The OpenMP settings every worker inherits (klbench's CLI sets its defaults before torch loads)."""
-    return {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-
-
 def worker_spec(side: str, args, workload: Workload, model_dir: Path, **extra) -> WorkerSpec:
     """What one worker subprocess runs: this side, on this workload, with the command line's settings."""
     return WorkerSpec(side=side, workload=workload.name, model_dir=str(model_dir), steps=args.steps,
@@ -332,10 +316,9 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
         )
     summaries = {side: [summarize_run(r, args.warmup) for r in raw[side]] for side in SIDES}
     report["machine_load"] = machine_load.stop()
-    report["load_after"] = report["machine_load"]["load_after"]
-    report["quiet"] = report["machine_load"]["quiet"]
     report["note"] = load_note(report["machine_load"])
     report["summary"] = aggregate(summaries, "klbench", ["trl"])
+    trl = trl_settings(steps=args.warmup + args.steps, seed=args.seed, output_dir="<tmp>", device=args.device)
     report["settings"] = {
         "shared": {"prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
             "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "beta": BETA, "clip_eps": CLIP_EPS,
@@ -343,10 +326,8 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
             "trait_bonus": TRAIT_BONUS},
         "klbench_run": "klbench run "
         + " ".join(raw["klbench"][0]["config_overrides"]).replace(str(model_dir), "<model_dir>"),
-        "trl": trl_settings(steps=args.warmup + args.steps, seed=args.seed, output_dir="<tmp>",
-            device=args.device),
-        "trl_deviations": trl_deviations(trl_settings(steps=args.warmup + args.steps, seed=args.seed,
-            output_dir="<tmp>", device=args.device)),
+        "trl": trl,
+        "trl_deviations": trl_deviations(trl),
         "optimizers": {side: raw[side][0].get("optimizer") for side in SIDES},
         "torch_threads": {side: raw[side][0].get("torch_threads") for side in SIDES},
     }
@@ -355,7 +336,7 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
         for side in SIDES
     }
     print_table(report)
-    if report["quiet"] is False:  # never in place of a result measured on a quiet machine
+    if report["machine_load"]["quiet"] is False:  # never in place of a result measured on a quiet machine
         stem += "-busy"
     jpath, mpath = write_report(report, Path(args.out), stem)
     print(f"  wrote {jpath} and {mpath}")
@@ -475,7 +456,6 @@ def bench_engine_overhead(argv, args, workload: Workload, model_dir: Path, work:
         return sum(r["completion_tokens"] for r in timed) / sum(r["step_s"] for r in timed)
 
     report["machine_load"] = machine_load.stop()
-    report["load_after"] = report["machine_load"]["load_after"]
     report["note"] = load_note(report["machine_load"])
     report["new_tokens"] = args.new_tokens
     report["tokens_per_s"] = {side: spread([tok_s(r) for r in raw[side]]) for side in ENGINE_SIDES}
@@ -516,15 +496,15 @@ def bench_profile(argv, args, workload: Workload, model_dir: Path, work: Path) -
     s = summarize_run(result, spec.warmup)
     report = base_report(argv, args, workload, model_dir, with_trl=False)
     phases = ", ".join(f"{p[:-2]} {s[f'{p}_per_step']:.3f}" for p in PHASES if f"{p}_per_step" in s)
+    efficiency = efficiency_line(result["matmul_floor"], s["s_per_step"])
     header = [f"command: {report['command']}",
         f"commit: {report['commit']['commit']}{' (dirty)' if report['commit']['dirty'] else ''}",
         f"machine: {json.dumps(report['machine'])}; load average before {report['load_before'][0]:.2f}",
         f"versions: {json.dumps(report['versions'])}",
-        f"s/step under the profiler: {s['s_per_step']:.3f} ({phases})",
-        efficiency_line(result["matmul_floor"], s["s_per_step"]), ""]
+        f"s/step under the profiler: {s['s_per_step']:.3f} ({phases})", efficiency, ""]
     path.write_text("\n".join(header) + path.read_text())
     print(f"[profile {workload.name}] {s['s_per_step']:.3f} s/step under the profiler ({phases}); "
-          f"{efficiency_line(result['matmul_floor'], s['s_per_step'])}; wrote {path}")
+          f"{efficiency}; wrote {path}")
     return path
 
 
