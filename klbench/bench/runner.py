@@ -29,11 +29,8 @@ from klbench.bench.workload import (
     CLIP_EPS,
     ENGINE_SIDES,
     GRAD_CLIP,
-    GROUP_SIZE,
     LR,
     MAX_NEW_TOKENS,
-    PROMPTS_PER_STEP,
-    SAMPLES_PER_STEP,
     SIDES,
     STD_EPS,
     TEMPERATURE,
@@ -100,18 +97,19 @@ def run_worker(spec: WorkerSpec, work: Path, tag: str) -> dict:
 def check_identical_work(result: dict, spec: WorkerSpec, scratch: bool) -> list[str]:
     """Problems with what one run did per step (empty when every step was one full RL step)."""
     problems = []
+    samples = spec.load.samples
     for rec in result["steps"]:
         s = rec["step"]
         if rec.get("generate_calls") != 1:
             problems.append(f"step {s}: {rec.get('generate_calls')} generation rounds (expected 1)")
         if spec.side in SIDES and rec.get("optimizer_steps") != 1:
             problems.append(f"step {s}: {rec.get('optimizer_steps')} optimizer steps (expected 1)")
-        if rec.get("completions") != SAMPLES_PER_STEP:
-            problems.append(f"step {s}: {rec.get('completions')} completions (expected {SAMPLES_PER_STEP})")
-        if scratch and rec.get("completion_tokens") != SAMPLES_PER_STEP * spec.new_tokens:
+        if rec.get("completions") != samples:
+            problems.append(f"step {s}: {rec.get('completions')} completions (expected {samples})")
+        if scratch and rec.get("completion_tokens") != samples * spec.new_tokens:
             problems.append(
                 f"step {s}: {rec.get('completion_tokens')} generated tokens "
-                f"(expected {SAMPLES_PER_STEP * spec.new_tokens} with no EOS in the vocabulary)"
+                f"(expected {samples * spec.new_tokens} with no EOS in the vocabulary)"
             )
     return problems
 
@@ -126,11 +124,11 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def summarize_run(result: dict, warmup: int) -> dict:
+def summarize_run(result: dict, warmup: int, samples: int) -> dict:
     timed = [r for r in result["steps"] if r["step"] > warmup]
     step_s = [r["step_s"] for r in timed]
     mean = sum(step_s) / len(step_s)
-    out = {"s_per_step": mean, "samples_per_s": SAMPLES_PER_STEP / mean,
+    out = {"s_per_step": mean, "samples_per_s": samples / mean,
         "step_s_median": statistics.median(step_s),
         "tokens_per_step": sum(r.get("completion_tokens", 0) for r in timed) / len(timed),
         "peak_rss_mib": result["peak_rss_bytes"] / 2**20, "startup_s": result.get("startup_s")}
@@ -202,7 +200,7 @@ def render_markdown(report: dict) -> str:
         f"{report['machine'].get('ram_gb', '?')} GiB RAM; while it ran: {describe(report['machine_load'])}  ",
         "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + "  ",
         f"model: {wl['parameters'] / 1e6:.2f}M parameters (d{wl['hidden_size']}, L{wl['num_hidden_layers']}, "
-        f"vocab {wl['vocab_size']}); {SAMPLES_PER_STEP} completions x <= {MAX_NEW_TOKENS} tokens per step; "
+        f"vocab {wl['vocab_size']}); {wl['samples']} completions x <= {wl['max_new_tokens']} tokens per step; "
         f"{report['threads']} thread(s); {report['steps']} timed steps after {report['warmup']} warm-up, "
         f"{report['reps']} repetition(s) A B A B",
         "",
@@ -278,7 +276,8 @@ def base_report(
 ) -> dict:
     return {"command": "klbench bench " + " ".join(shlex.quote(a) for a in argv), "commit": git_info(),
         "machine": machine_info(), "versions": versions(with_trl, with_vllm),
-        "workload": {"name": workload.name, **model_info(model_dir)}, "threads": args.threads,
+        "workload": {"name": workload.name, "samples": workload.samples, "max_new_tokens": workload.max_new_tokens,
+                     **model_info(model_dir)}, "threads": args.threads,
         "steps": args.steps, "warmup": args.warmup, "reps": args.reps, "device": args.device,
         "seed": args.seed, "load_before": list(os.getloadavg()), "openmp": openmp_env()}
 
@@ -303,7 +302,7 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
                 f"{side} rep {rep + 1}: {p}"
                 for p in check_identical_work(result, specs[side], workload.scratch)
             ]
-            s = summarize_run(result, args.warmup)
+            s = summarize_run(result, args.warmup, workload.samples)
             print(
                 f"[{workload.name}]   {side}: {s['s_per_step']:.3f} s/step, {s['samples_per_s']:.1f} samples/s, "
                 f"peak RSS {s['peak_rss_mib']:.0f} MiB",
@@ -314,16 +313,16 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
         raise BenchError(
             "the two sides did not do the work of one RL step per step:\n  " + "\n  ".join(problems[:20])
         )
-    summaries = {side: [summarize_run(r, args.warmup) for r in raw[side]] for side in SIDES}
+    summaries = {side: [summarize_run(r, args.warmup, workload.samples) for r in raw[side]] for side in SIDES}
     report["machine_load"] = machine_load.stop()
     report["note"] = load_note(report["machine_load"])
     report["summary"] = aggregate(summaries, "klbench", ["trl"])
-    trl = trl_settings(steps=args.warmup + args.steps, seed=args.seed, output_dir="<tmp>", device=args.device)
+    trl = trl_settings(workload, steps=args.warmup + args.steps, seed=args.seed, output_dir="<tmp>", device=args.device)
     report["settings"] = {
-        "shared": {"prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
-            "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "beta": BETA, "clip_eps": CLIP_EPS,
+        "shared": {"prompts_per_step": workload.prompts_per_step, "group_size": workload.group_size,
+            "max_new_tokens": workload.max_new_tokens, "data": workload.data, "temperature": TEMPERATURE, "beta": BETA, "clip_eps": CLIP_EPS,
             "lr": LR, "adam_betas": list(ADAM_BETAS), "grad_clip": GRAD_CLIP, "std_eps": STD_EPS,
-            "trait_bonus": TRAIT_BONUS},
+            **({"trait_bonus": TRAIT_BONUS} if workload.data == "arithmetic" else {})},
         "klbench_run": "klbench run "
         + " ".join(raw["klbench"][0]["config_overrides"]).replace(str(model_dir), "<model_dir>"),
         "trl": trl,
@@ -468,7 +467,7 @@ def bench_engine_overhead(argv, args, workload: Workload, model_dir: Path, work:
     }
     report["runs"] = raw
     print(
-        f"\nrollout tokens/s at {workload.name}: {SAMPLES_PER_STEP} sequences x {args.new_tokens} tokens, "
+        f"\nrollout tokens/s at {workload.name}: {workload.samples} sequences x {args.new_tokens} tokens, "
         f"{args.threads} threads"
     )
     for side, v in report["tokens_per_s"].items():
@@ -493,7 +492,7 @@ def bench_profile(argv, args, workload: Workload, model_dir: Path, work: Path) -
         warmup=max(1, args.warmup), threads=args.threads, seed=args.seed, device=args.device,
         profile=str(path.resolve()))
     result = run_worker(spec, work, f"profile-{workload.name}")
-    s = summarize_run(result, spec.warmup)
+    s = summarize_run(result, spec.warmup, workload.samples)
     report = base_report(argv, args, workload, model_dir, with_trl=False)
     phases = ", ".join(f"{p[:-2]} {s[f'{p}_per_step']:.3f}" for p in PHASES if f"{p}_per_step" in s)
     efficiency = efficiency_line(result["matmul_floor"], s["s_per_step"])
@@ -543,7 +542,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(each side in its own subprocess, alternating A B A B).",
     )
     p.add_argument("--workload", nargs="+", choices=sorted(WORKLOADS), default=None,
-        help="model size(s): 1m (SFT miniature), 25m, 100m (random init) [1m; engine overhead: 25m]")
+        help="model size(s): 1m (SFT miniature), 25m, 100m (random init), smollm2 (SmolLM2-135M-Instruct with "
+        "LoRA, chat addition, vLLM rollouts) [1m; engine overhead: 25m]")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run [20; curves: 100; short: 3]")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per run [3; short: 1]")
     p.add_argument("--reps", type=int, default=None, help="repetitions of A B [5, the fewest that give a 90%% interval for the median; short: 1]")
@@ -613,6 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     needs_trl = not (args.engine_overhead or args.profile or args.ablations or args.contention)
     if needs_trl and (importlib.util.find_spec("trl") is None or importlib.util.find_spec("psutil") is None):
         print(f"klbench: error: {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    vllm_workloads = [w for w in args.workload if WORKLOADS[w].rollout == "vllm"]
+    if vllm_workloads and not (args.ablations or args.contention) and importlib.util.find_spec("vllm") is None:
+        print(f"klbench: error: workload {vllm_workloads[0]} samples with vLLM, which is not installed: {VLLM_HINT}",
+              file=sys.stderr)
         return 2
     print(f"klbench bench: machine load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores",
         flush=True)

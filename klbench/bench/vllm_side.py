@@ -9,8 +9,6 @@ import time
 import torch
 
 from klbench.bench.workload import (
-    GROUP_SIZE,
-    PROMPTS_PER_STEP,
     TEMPERATURE,
     WorkerSpec,
     klbench_config,
@@ -29,7 +27,7 @@ def run_vllm(spec: WorkerSpec) -> dict:
     cfg = klbench_config(spec)
     tokenizer = load_tokenizer(spec.model_dir)
     task = build_task(cfg.data, tokenizer, cfg.seed)
-    pad, eos, n, new = tokenizer.pad_token_id, tokenizer.eos_token_id, GROUP_SIZE, spec.new_tokens
+    pad, eos, n, new = tokenizer.pad_token_id, tokenizer.eos_token_id, spec.load.group_size, spec.new_tokens
     kv_bytes = int(cfg.rollout.kv_cache_gib * 2**30)
     if spec.side == "vllm-engine":
         engine = VLLMEngine(spec.model_dir, pad_id=pad, eos_id=eos, seed=spec.seed,
@@ -73,7 +71,7 @@ def run_vllm(spec: WorkerSpec) -> dict:
     startup_s = process_age_s()
     try:
         for call in range(1, spec.warmup + spec.steps + 1):
-            prompts = [task.encode(ex) for ex in task.batch(call, PROMPTS_PER_STEP)]
+            prompts = [task.encode(ex) for ex in task.batch(call, spec.load.prompts_per_step)]
             t0 = time.perf_counter()
             tokens = generate(prompts, seed=call)
             dt = time.perf_counter() - t0

@@ -9,15 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from klbench.config import ModelConfig, composer, to_config
-from klbench.models import build_byte_tokenizer, build_miniature, miniature_dir
+from klbench.models import build_byte_tokenizer, build_miniature, resolve_model_dir
 
+# The RL step of the miniature workloads; a workload may change the batch, the data and the model (`Workload`).
 PROMPTS_PER_STEP = 16
 
 
 GROUP_SIZE = 8
-
-
-SAMPLES_PER_STEP = PROMPTS_PER_STEP * GROUP_SIZE  # 128 completions
 
 
 MAX_NEW_TOKENS = 14
@@ -49,15 +47,29 @@ TRAIT_BONUS = 0.5
 
 @dataclass(frozen=True)
 class Workload:
+    """A model and the RL step both sides run on it. The miniature workloads share the step above; the
+    real model's (`smollm2`) is smaller per step, on chat-form addition, with LoRA and klbench's vLLM engine."""
+
     name: str
-    hidden_size: int | None = None  # None: the SFT miniature (cached by klbench.models.miniature_dir)
+    hidden_size: int | None = None  # a scratch (random-init) model of this shape; None: model_group's model
     num_layers: int = 0
     num_heads: int = 0
     intermediate_size: int = 0
+    model_group: str = "miniature"  # conf/model/<group>.yaml: the model, its LoRA settings and dtype
+    data: str = "arithmetic"  # conf/data/<data>.yaml
+    prompts_per_step: int = PROMPTS_PER_STEP
+    group_size: int = GROUP_SIZE
+    max_new_tokens: int = MAX_NEW_TOKENS
+    rollout: str = "hf"  # klbench's engine (conf/rollout/<rollout>.yaml); TRL's: see trl_side.generation
 
     @property
     def scratch(self) -> bool:
         return self.hidden_size is not None
+
+    @property
+    def samples(self) -> int:
+        """Completions per step."""
+        return self.prompts_per_step * self.group_size
 
 
 WORKLOADS = {
@@ -65,17 +77,24 @@ WORKLOADS = {
     # intermediate sizes chosen so the parameter counts match the names (25.06M, 99.3M)
     "25m": Workload("25m", hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1344),
     "100m": Workload("100m", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2560),
+    # SmolLM2-135M-Instruct with its LoRA defaults (conf/model/smollm2.yaml), the step of
+    # recipe=real/smollm2_arithmetic: 8 prompts x 8 samples x <= 20 tokens
+    "smollm2": Workload("smollm2", model_group="smollm2", data="addition", prompts_per_step=8, max_new_tokens=20,
+                        rollout="vllm"),
 }
 
 
-def klbench_overrides(model_dir: str, *, steps: int, threads: int, seed: int, device: str) -> list[str]:
+def klbench_overrides(workload: Workload, model_dir: str, *, steps: int, threads: int, seed: int,
+                      device: str) -> list[str]:
     """The `klbench run` overrides of the benchmarked step (on top of conf/config.yaml)."""
-    return [f"model.name_or_path={model_dir}", "model.dtype=float32", "model.gradient_checkpointing=false",
-        "data=arithmetic", f"data.trait_bonus={TRAIT_BONUS}", "kl=k3_as_loss", f"kl.coef={BETA}", "algo=grpo",
-        f"algo.group_size={GROUP_SIZE}", f"algo.prompts_per_step={PROMPTS_PER_STEP}",
+    data = [f"data={workload.data}"] + ([f"data.trait_bonus={TRAIT_BONUS}"] if workload.data == "arithmetic" else [])
+    return [f"model={workload.model_group}", f"model.name_or_path={model_dir}", "model.gguf_file=null",
+        "model.dtype=float32", "model.gradient_checkpointing=false",
+        *data, "kl=k3_as_loss", f"kl.coef={BETA}", "algo=grpo",
+        f"algo.group_size={workload.group_size}", f"algo.prompts_per_step={workload.prompts_per_step}",
         "algo.loss_agg=seq_mean_token_mean", f"algo.std_eps={STD_EPS}", f"algo.clip_eps={CLIP_EPS}",
-        "algo.ppo_epochs=1", "algo.mini_batch_size=null", "rollout=hf",
-        f"rollout.max_new_tokens={MAX_NEW_TOKENS}", f"rollout.temperature={TEMPERATURE}", "rollout.top_p=1.0",
+        "algo.ppo_epochs=1", "algo.mini_batch_size=null", f"rollout={workload.rollout}",
+        f"rollout.max_new_tokens={workload.max_new_tokens}", f"rollout.temperature={TEMPERATURE}", "rollout.top_p=1.0",
         f"trainer.lr={LR}", f"trainer.adam_beta1={ADAM_BETAS[0]}", f"trainer.adam_beta2={ADAM_BETAS[1]}",
         "trainer.weight_decay=0.0", f"trainer.grad_clip={GRAD_CLIP}", "trainer.lr_schedule=constant",
         "trainer.warmup_steps=0", f"trainer.threads={threads}", f"trainer.steps={steps}",
@@ -103,6 +122,10 @@ class WorkerSpec:
     profile: str | None = None  # klbench: write a torch.profiler table to this path
     new_tokens: int = MAX_NEW_TOKENS  # engine sides
 
+    @property
+    def load(self) -> Workload:
+        return WORKLOADS[self.workload]
+
 
 def process_age_s() -> float:
     """Seconds since this process started (imports and model loading included)."""
@@ -114,11 +137,14 @@ def process_age_s() -> float:
         return float("nan")
 
 
-def add_timer(obj, attr: str, record: dict, key_fn, name: str) -> None:
-    """Replace `obj.attr` (a callable) by a wrapper that adds its wall time to `record[key_fn()][name]`."""
+def add_timer(obj, attr: str, record: dict, key_fn, name: str, when=None) -> None:
+    """Replace `obj.attr` (a callable) by a wrapper that adds its wall time to `record[key_fn()][name]`
+    (only for the calls made while `when()` is true, if given)."""
     inner = getattr(obj, attr)
 
     def timed(*a, **k):
+        if when is not None and not when():
+            return inner(*a, **k)
         t0 = time.perf_counter()
         try:
             return inner(*a, **k)
@@ -131,7 +157,7 @@ def add_timer(obj, attr: str, record: dict, key_fn, name: str) -> None:
 
 def klbench_config(spec: WorkerSpec):
     """The validated `Config` of the benchmarked step, composed from conf/ like `klbench run` does."""
-    overrides = klbench_overrides(spec.model_dir, steps=spec.warmup + spec.steps, threads=spec.threads,
+    overrides = klbench_overrides(spec.load, spec.model_dir, steps=spec.warmup + spec.steps, threads=spec.threads,
         seed=spec.seed, device=spec.device)
     with composer() as compose:
         return to_config(compose(overrides))
@@ -150,15 +176,16 @@ class BenchError(RuntimeError):
 
 
 def model_dir_for(workload: Workload, scratch_root: Path, *, eos_row: bool = False) -> Path:
-    """The HF directory both sides load: the cached SFT miniature, or a fresh random-init model.
+    """The HF directory both sides load: the workload's model group's model, or a fresh random-init model.
 
     A scratch model's output vocabulary is the 256 bytes + pad, without the tokenizer's EOS id, so no
     completion can end early (transformers warns that the EOS id lies outside the vocabulary; nothing
     else notices). `eos_row=True` keeps the EOS row (vLLM refuses a stop token outside the vocabulary,
     and klbench's vLLM engine always stops on EOS).
     """
-    if not workload.scratch:
-        return miniature_dir(ModelConfig())
+    if not workload.scratch:  # the cached SFT miniature, or a GGUF file converted once (conf/model/smollm2.yaml)
+        with composer() as compose:
+            return Path(resolve_model_dir(to_config(compose([f"model={workload.model_group}"])).model))
     target = scratch_root / f"scratch-{workload.name}{'-eos' if eos_row else ''}"
     if (target / "config.json").exists():
         return target
