@@ -289,7 +289,7 @@ def worker_spec(side: str, args, workload: Workload, model_dir: Path, **extra) -
 
 
 def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, stem: str) -> dict:
-    report = base_report(argv, args, workload, model_dir)
+    report = base_report(argv, args, workload, model_dir, with_vllm=workload.rollout == "vllm")
     machine_load = MachineLoad()
     specs = {side: worker_spec(side, args, workload, model_dir) for side in SIDES}
     raw: dict[str, list[dict]] = {side: [] for side in SIDES}
@@ -353,7 +353,7 @@ def bench_curves(argv, args, workload: Workload, model_dir: Path, work: Path) ->
         problems = check_identical_work(results[side], spec, workload.scratch)
         if problems:
             raise BenchError(f"{side}: " + "; ".join(problems[:5]))
-    report = base_report(argv, args, workload, model_dir)
+    report = base_report(argv, args, workload, model_dir, with_vllm=workload.rollout == "vllm")
     report["load_after"] = list(os.getloadavg())
     report["curves"] = {
         side: [
