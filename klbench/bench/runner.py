@@ -34,7 +34,6 @@ from klbench.bench.workload import (
     SIDES,
     STD_EPS,
     TEMPERATURE,
-    TRAIT_BONUS,
     WORKLOADS,
     BenchError,
     WorkerSpec,
@@ -275,7 +274,7 @@ def base_report(
     argv: list[str], args, workload: Workload, model_dir: Path, with_trl=True, with_vllm=False
 ) -> dict:
     return {"command": "klbench bench " + " ".join(shlex.quote(a) for a in argv), "commit": git_info(),
-        "machine": machine_info(), "versions": versions(with_trl, with_vllm),
+        "machine": machine_info(), "versions": versions(with_trl, with_vllm or workload.rollout == "vllm"),
         "workload": {"name": workload.name, "samples": workload.samples, "max_new_tokens": workload.max_new_tokens,
                      **model_info(model_dir)}, "threads": args.threads,
         "steps": args.steps, "warmup": args.warmup, "reps": args.reps, "device": args.device,
@@ -289,7 +288,7 @@ def worker_spec(side: str, args, workload: Workload, model_dir: Path, **extra) -
 
 
 def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, stem: str) -> dict:
-    report = base_report(argv, args, workload, model_dir, with_vllm=workload.rollout == "vllm")
+    report = base_report(argv, args, workload, model_dir)
     machine_load = MachineLoad()
     specs = {side: worker_spec(side, args, workload, model_dir) for side in SIDES}
     raw: dict[str, list[dict]] = {side: [] for side in SIDES}
@@ -322,7 +321,7 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
         "shared": {"prompts_per_step": workload.prompts_per_step, "group_size": workload.group_size,
             "max_new_tokens": workload.max_new_tokens, "data": workload.data, "temperature": TEMPERATURE, "beta": BETA, "clip_eps": CLIP_EPS,
             "lr": LR, "adam_betas": list(ADAM_BETAS), "grad_clip": GRAD_CLIP, "std_eps": STD_EPS,
-            **({"trait_bonus": TRAIT_BONUS} if workload.data == "arithmetic" else {})},
+            **({} if workload.trait_bonus is None else {"trait_bonus": workload.trait_bonus})},
         "klbench_run": "klbench run "
         + " ".join(raw["klbench"][0]["config_overrides"]).replace(str(model_dir), "<model_dir>"),
         "trl": trl,
@@ -353,7 +352,7 @@ def bench_curves(argv, args, workload: Workload, model_dir: Path, work: Path) ->
         problems = check_identical_work(results[side], spec, workload.scratch)
         if problems:
             raise BenchError(f"{side}: " + "; ".join(problems[:5]))
-    report = base_report(argv, args, workload, model_dir, with_vllm=workload.rollout == "vllm")
+    report = base_report(argv, args, workload, model_dir)
     report["load_after"] = list(os.getloadavg())
     report["curves"] = {
         side: [

@@ -60,7 +60,7 @@ class Workload:
     prompts_per_step: int = PROMPTS_PER_STEP
     group_size: int = GROUP_SIZE
     max_new_tokens: int = MAX_NEW_TOKENS
-    rollout: str = "hf"  # klbench's engine (conf/rollout/<rollout>.yaml); TRL's: see trl_side.generation
+    rollout: str = "hf"  # klbench's engine (conf/rollout/<rollout>.yaml); TRL's: trl_side.WHY["use_vllm"]
 
     @property
     def scratch(self) -> bool:
@@ -70,6 +70,11 @@ class Workload:
     def samples(self) -> int:
         """Completions per step."""
         return self.prompts_per_step * self.group_size
+
+    @property
+    def trait_bonus(self) -> float | None:
+        """The arithmetic task's bonus for π_ref's rare trait (None: the data has no trait)."""
+        return TRAIT_BONUS if self.data == "arithmetic" else None
 
 
 WORKLOADS = {
@@ -87,7 +92,7 @@ WORKLOADS = {
 def klbench_overrides(workload: Workload, model_dir: str, *, steps: int, threads: int, seed: int,
                       device: str) -> list[str]:
     """The `klbench run` overrides of the benchmarked step (on top of conf/config.yaml)."""
-    data = [f"data={workload.data}"] + ([f"data.trait_bonus={TRAIT_BONUS}"] if workload.data == "arithmetic" else [])
+    data = [f"data={workload.data}"] + ([] if workload.trait_bonus is None else [f"data.trait_bonus={workload.trait_bonus}"])
     return [f"model={workload.model_group}", f"model.name_or_path={model_dir}", "model.gguf_file=null",
         "model.dtype=float32", "model.gradient_checkpointing=false",
         *data, "kl=k3_as_loss", f"kl.coef={BETA}", "algo=grpo",
