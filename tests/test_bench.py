@@ -7,10 +7,11 @@ import importlib.util
 import json
 import math
 import re
+import statistics
 
 import pytest
 
-from klbench.bench import fairness, runner, trl_side, workload
+from klbench.bench import curves, fairness, runner, trl_side, workload
 
 pytestmark = pytest.mark.bench
 
@@ -326,10 +327,73 @@ def test_engine_overhead_times_the_engine_and_both_bare_forms(run_cli, tmp_path)
     assert all(math.isfinite(v["median"]) for v in report["engine_over_bare"].values())
 
 
-def test_curve_agreement_measures_differences_in_standard_errors():
-    flat = [{"step": i + 1, "reward": 0.5 + 0.1 * (i % 2), "kl": 0.01} for i in range(40)]
-    shifted = [{**r, "reward": r["reward"] + 0.5} for r in flat]
-    same = runner.curve_agreement({"klbench": flat, "trl": flat})
-    assert [w["steps"] for w in same["reward"]] == ["1-20", "21-40"] and all(w["z"] == 0 for w in same["reward"])
-    far = runner.curve_agreement({"klbench": shifted, "trl": flat})
-    assert all(w["z"] > 10 and abs(w["diff"] - 0.5) < 1e-9 for w in far["reward"])
+def _trajectories(seeds: int, steps: int, shift: float = 0.0, rho: float = 0.7, seed: int = 0) -> dict:
+    """Per-step reward/KL of both sides as AR(1) noise around a rising curve (`shift` added to klbench's)."""
+    import random
+
+    rng = random.Random(seed)
+    runs = {}
+    for s in range(seeds):
+        runs[s] = {}
+        for side in ("klbench", "trl"):
+            e, rows = 0.0, []
+            for t in range(steps):
+                e = rho * e + math.sqrt(1 - rho**2) * rng.gauss(0, 0.02)
+                v = 0.002 * t + e + (shift if side == "klbench" else 0.0)
+                rows.append({"step": t + 1, "reward": v, "kl": v})
+            runs[s][side] = rows
+    return runs
+
+
+def test_curve_agreement_compares_seeds_and_holds_its_error_rate_on_autocorrelated_curves():
+    same = curves.curve_agreement(_trajectories(5, 100))
+    kl = same["kl"]
+    assert [w["steps"] for w in kl["windows"]] == ["1-20", "21-40", "41-60", "61-80", "81-100"]
+    assert kl["splits"] == 252 and kl["min_p"] == pytest.approx(2 / 252)
+    # a clear difference (three times the spread of a window mean over seeds) is found ...
+    far = curves.curve_agreement(_trajectories(5, 100, shift=0.05))["kl"]
+    assert far["p"] == pytest.approx(2 / 252) and far["agree"] is False and all(w["t"] > 2 for w in far["windows"])
+    assert "DIFFERENT" in curves.verdict(far)
+    # ... and on curves of one process the test rejects at about its level, where a per-step standard
+    # error (steps treated as independent) rejects most of the time
+    rejected = per_step = 0
+    for trial in range(60):
+        runs = _trajectories(5, 100, seed=trial + 1)
+        rejected += curves.curve_agreement(runs)["kl"]["agree"] is False
+        a, b = runs[0]["klbench"][:20], runs[0]["trl"][:20]
+        xa, xb = [r["kl"] for r in a], [r["kl"] for r in b]
+        z = (sum(xa) - sum(xb)) / 20 / math.sqrt((statistics.variance(xa) + statistics.variance(xb)) / 20)
+        per_step += abs(z) > 2
+    assert rejected <= 8, rejected  # 60 trials at 5%: 3 expected, P(> 8) < 0.5%
+    assert per_step >= 12, per_step  # 15 of 60 here: five times the level
+    # too few seeds to ever reach 5%, and one seed, say so instead of passing silently
+    two = curves.curve_agreement(_trajectories(2, 40))["reward"]
+    assert two["agree"] is None and "too few seeds" in curves.verdict(two)
+    one = curves.curve_agreement(_trajectories(1, 40))["reward"]
+    assert "p" not in one and "one seed" in curves.verdict(one)
+    assert "fewer steps" in curves.verdict(curves.curve_agreement(_trajectories(5, 10))["kl"])
+
+
+@pytest.mark.slow
+@NEEDS_TRL
+def test_curves_runs_both_sides_per_seed_and_tests_agreement(run_cli, miniature_cache, tmp_path):
+    proc = run_cli("bench", "--curves", "--steps", "20", "--threads", "1", "--seed", "0", "1",
+                   "--out", str(tmp_path), timeout=900)
+    report = json.loads((tmp_path / "curves.json").read_text())
+    assert report["seeds"] == [0, 1] and set(report["curves"]) == {"0", "1"}
+    for sides in report["curves"].values():
+        for rows in sides.values():
+            assert [r["step"] for r in rows] == list(range(1, 21)) and all(0 <= r["reward"] <= 2 for r in rows)
+    # the two seeds drew different prompts and samples
+    assert report["curves"]["0"]["klbench"][0]["reward"] != report["curves"]["1"]["klbench"][0]["reward"]
+    for metric in ("reward", "kl"):
+        assert len(report["agreement"][metric]["windows"]) == 1 and report["agreement"][metric]["agree"] is None
+        assert f"[curves] {metric}: largest |t|" in proc.stdout and "too few seeds" in proc.stdout
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_several_seeds_only_apply_to_curves(run_cli):
+    proc = run_cli("bench", "--seed", "0", "1", "--out", "x", check=False)
+    assert proc.returncode == 2 and "several --seed values only apply to --curves" in proc.stderr
+    proc = run_cli("bench", "--curves", "--seed", "1", "1", "--out", "x", check=False)
+    assert proc.returncode == 2 and "repeats a seed" in proc.stderr

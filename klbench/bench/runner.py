@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from klbench import tables
-from klbench.bench import ablations
+from klbench.bench import ablations, curves
 from klbench.bench.contention import bench_contention
 from klbench.bench.fairness import CI_LEVEL, MachineLoad, describe, load_note, median_ci, openmp_env
 from klbench.bench.klbench_side import run_klbench
@@ -342,89 +342,46 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
 
 
 def bench_curves(argv, args, workload: Workload, model_dir: Path, work: Path) -> dict:
-    """Per-step reward and token-mean k3 of both frameworks on the same prompts and settings."""
-    results = {}
-    for side in SIDES:
-        spec = WorkerSpec(side=side, workload=workload.name, model_dir=str(model_dir), steps=args.steps,
-            warmup=0, threads=args.threads, seed=args.seed, device=args.device, curves=True)
-        print(f"[curves] {side}: {args.steps} steps ...", flush=True)
-        results[side] = run_worker(spec, work, f"curves-{side}")
-        problems = check_identical_work(results[side], spec, workload.scratch)
-        if problems:
-            raise BenchError(f"{side}: " + "; ".join(problems[:5]))
+    """Per-step reward and token-mean k3 of both frameworks on the same prompts and settings, for each
+    seed (both sides of a seed before the next), and the test of whether they differ beyond seed noise."""
+    runs: dict[int, dict[str, list[dict]]] = {}
+    for seed in args.seeds:
+        runs[seed] = {}
+        for side in SIDES:
+            spec = WorkerSpec(side=side, workload=workload.name, model_dir=str(model_dir), steps=args.steps,
+                warmup=0, threads=args.threads, seed=seed, device=args.device, curves=True)
+            print(f"[curves] seed {seed}, {side}: {args.steps} steps ...", flush=True)
+            result = run_worker(spec, work, f"curves-{side}-{seed}")
+            problems = check_identical_work(result, spec, workload.scratch)
+            if problems:
+                raise BenchError(f"{side}, seed {seed}: " + "; ".join(problems[:5]))
+            runs[seed][side] = [
+                {k: r.get(k) for k in ("step", "reward", "kl", "kl_clamp_rate", "step_s", "completion_tokens")}
+                for r in result["steps"]
+            ]
     report = base_report(argv, args, workload, model_dir)
     report["load_after"] = list(os.getloadavg())
-    report["curves"] = {
-        side: [
-            {k: r.get(k) for k in ("step", "reward", "kl", "kl_clamp_rate", "step_s", "completion_tokens")}
-            for r in res["steps"]
-        ]
-        for side, res in results.items()
-    }
-    report["agreement"] = curve_agreement(report["curves"])
+    report["seeds"] = args.seeds
+    report["curves"] = {str(seed): sides for seed, sides in runs.items()}
+    report["agreement"] = curves.curve_agreement(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "curves.json").write_text(json.dumps(report, indent=1))
-    plot_curves(report["curves"], out / "curves.png",
-        title=f"{workload.name}, seed {args.seed}, beta {BETA}, k3 loss")
-    for side, rows in report["curves"].items():
-        n = max(1, len(rows) // 5)
-        last = rows[-n:]
-        print(
-            f"[curves] {side}: last {n} steps mean reward {statistics.mean(r['reward'] for r in last):.3f}, "
-            f"kl {statistics.mean(r['kl'] for r in last):.4f}"
-        )
-    for metric, rows in report["agreement"].items():
-        zs = ", ".join(f"{w['steps']}: {w['klbench']:.3g} vs {w['trl']:.3g} (z {w['z']:+.1f})" for w in rows)
-        print(f"[curves] {metric} per window, klbench vs trl: {zs}")
+    seeds = ", ".join(map(str, args.seeds))
+    curves.plot_curves(runs, out / "curves.png",
+        title=f"{workload.name}, seed{'s' if len(args.seeds) > 1 else ''} {seeds}, beta {BETA}, k3 loss")
+    n = max(1, args.steps // 5)
+    for side in SIDES:
+        last = [r for seed in args.seeds for r in runs[seed][side][-n:]]
+        print(f"[curves] {side}: last {n} steps, mean over seeds: reward "
+              f"{statistics.mean(r['reward'] for r in last):.3f}, kl {statistics.mean(r['kl'] for r in last):.4f}")
+    for metric, result in report["agreement"].items():
+        ws = ", ".join(f"{w['steps']}: {w['klbench']:.3g} vs {w['trl']:.3g}"
+                       + (f" (t {w['t']:+.1f})" if "t" in w else "") for w in result["windows"])
+        print(f"[curves] {metric} per window, klbench vs trl: {ws}")
+        print(f"[curves] {metric}: {curves.verdict(result)}")
     print(f"[curves] wrote {out / 'curves.json'} and {out / 'curves.png'}")
     return report
-
-
-def curve_agreement(curves: dict[str, list[dict]], window: int = 20) -> dict[str, list[dict]]:
-    """Per window of `window` steps: each side's mean reward and KL, and their difference in units of
-    its standard error (sqrt(var_a/n + var_b/n) from the per-step values; |z| < 2: within noise)."""
-    out: dict[str, list[dict]] = {}
-    a, b = curves["klbench"], curves["trl"]
-    for metric in ("reward", "kl"):
-        rows = []
-        for start in range(0, min(len(a), len(b)), window):
-            xa = [r[metric] for r in a[start:start + window]]
-            xb = [r[metric] for r in b[start:start + window]]
-            if len(xa) < 2 or len(xb) < 2:
-                continue
-            se = math.sqrt(statistics.variance(xa) / len(xa) + statistics.variance(xb) / len(xb))
-            diff = statistics.mean(xa) - statistics.mean(xb)
-            rows.append({"steps": f"{a[start]['step']}-{a[start + len(xa) - 1]['step']}",
-                         "klbench": statistics.mean(xa), "trl": statistics.mean(xb), "diff": diff,
-                         "se": se, "z": diff / se if se > 0 else 0.0})
-        out[metric] = rows
-    return out
-
-
-def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, window: int = 10) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "reward", "reward (mean over 128 completions)"),
-        (axes[1], "kl", "KL: per-token k3, mean over response tokens")):
-        for side, rows in curves.items():
-            steps = [r["step"] for r in rows]
-            vals = [r[key] for r in rows]
-            (line,) = ax.plot(steps, vals, alpha=0.3, linewidth=0.8)
-            smooth = [statistics.mean(vals[max(0, i - window + 1) : i + 1]) for i in range(len(vals))]
-            ax.plot(steps, smooth, color=line.get_color(), linewidth=2, label=f"{side} ({window}-step mean)")
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"klbench vs TRL GRPOTrainer: {title}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def bench_engine_overhead(argv, args, workload: Workload, model_dir: Path, work: Path) -> dict | None:
@@ -553,7 +510,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="torch threads of each side [all cores; short: 1, which keeps a busy CI runner from "
         "oversubscribing OpenMP]",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=None,
+        help="seed [0]; --curves takes several, one trajectory per side each, and tests agreement over them "
+        "[0 1 2 3 4]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", default="results/perf",
         help="directory for the JSON/Markdown results [results/perf]")
@@ -592,6 +551,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.seeds = args.seed or ([0, 1, 2, 3, 4] if args.curves else [0])
+    if len(args.seeds) > 1 and not args.curves:
+        p.error("several --seed values only apply to --curves")
+    if len(set(args.seeds)) < len(args.seeds):
+        p.error(f"--seed repeats a seed ({' '.join(map(str, args.seeds))}); give each once")
+    args.seed = args.seeds[0]
     args.workload = args.workload or (["25m"] if args.engine_overhead else ["1m"])
     for k in ("steps", "reps", "threads", "new_tokens"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
