@@ -182,9 +182,9 @@ def test_summary_skips_warmup_and_ratios_pair_repetitions():
         "klbench": [{"s_per_step": 1.0, "step_s_median": 1.0}, {"s_per_step": 2.0, "step_s_median": 1.0}],
         "trl": [{"s_per_step": 3.0, "step_s_median": 1.5}, {"s_per_step": 2.0, "step_s_median": 2.0}],
     }
-    agg = runner.aggregate(runs, "klbench", ["trl"])
-    assert agg["ratios"]["trl"] == {"min": 1.0, "median": 2.0, "max": 3.0}
-    assert agg["ratios_of_median_steps"]["trl"] == {"min": 1.5, "median": 1.75, "max": 2.0}
+    agg = runner.aggregate(runs, [("trl", "klbench")])
+    assert agg["ratios"]["trl/klbench"] == {"min": 1.0, "median": 2.0, "max": 3.0}
+    assert agg["ratios_of_median_steps"]["trl/klbench"] == {"min": 1.5, "median": 1.75, "max": 2.0}
     assert agg["sides"]["klbench"]["s_per_step"] == {"min": 1.0, "median": 1.5, "max": 2.0}
 
 
@@ -218,6 +218,19 @@ def test_other_work_on_the_machine_is_measured(tmp_path):
     note = fairness.load_note(out)
     assert "not quiet" in note and "rerun on a quiet machine" in note
     assert fairness.load_note({**out, "quiet": True}) is None
+
+
+def test_both_sides_run_the_step_in_the_precision_asked(tmp_path, run_cli):
+    spec = workload.WorkerSpec(side="klbench", workload="1m", model_dir=str(tmp_path), steps=4, warmup=1, threads=1,
+                               dtype="bfloat16")
+    assert workload.klbench_config(spec).model.dtype == "bfloat16"  # float32 weights, bf16 autocast forwards
+    s = trl_side.trl_settings(workload.WORKLOADS["1m"], steps=5, seed=0, output_dir="/tmp/x", device="cpu",
+                              dtype="bfloat16")
+    assert s["bf16"] is True and s["fp16"] is False and s["model_init_kwargs"] == {"dtype": "float32"}
+    for args, message in ((["--curves", "--dtype", "bfloat16"], "--dtype applies to the comparison only"),
+                          (["--dtype", "float32", "float32"], "--dtype repeats a dtype")):
+        proc = run_cli("bench", *args, "--out", str(tmp_path), check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 @NEEDS_TRL
@@ -265,7 +278,7 @@ def test_short_mode_times_both_sides_and_prints_the_ratio(run_cli, miniature_cac
             assert 0 < r["completion_tokens"] <= 128 * 14 and r["step_s"] > 0
         assert run["peak_rss_bytes"] > 100 * 2**20 and run["torch_threads"] == 1
         assert report["summary"]["sides"][side]["s_per_step"]["median"] > 0
-    ratio = report["summary"]["ratios"]["trl"]["median"]
+    ratio = report["summary"]["ratios"]["trl/klbench"]["median"]
     assert math.isfinite(ratio) and ratio > 0
     assert report["settings"]["optimizers"]["trl"].startswith("AdamW")
 

@@ -27,6 +27,7 @@ from klbench.bench.workload import (
     ADAM_BETAS,
     BETA,
     CLIP_EPS,
+    DTYPES,
     ENGINE_SIDES,
     GRAD_CLIP,
     LR,
@@ -140,8 +141,9 @@ def summarize_run(result: dict, warmup: int, samples: int) -> dict:
     return out
 
 
-def aggregate(runs: dict[str, list[dict]], baseline: str, others: list[str]) -> dict:
-    """min/median/max over repetitions per side, and per-repetition ratios other/baseline (s/step)."""
+def aggregate(runs: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> dict:
+    """min/median/max over repetitions per side, and for each (other, baseline) pair the per-repetition
+    ratios other/baseline of s/step, keyed "other/baseline"."""
     sides = {}
     for side, summaries in runs.items():
         keys = summaries[0].keys()
@@ -150,14 +152,14 @@ def aggregate(runs: dict[str, list[dict]], baseline: str, others: list[str]) -> 
             for k in keys
             if all(isinstance(s.get(k), (int, float)) for s in summaries)
         }
-    per_rep = {other: [o["s_per_step"] / b["s_per_step"] for o, b in zip(runs[other], runs[baseline])]
-               for other in others}
-    ratios = {other: spread(r) for other, r in per_rep.items()}
-    ratio_ci = {other: median_ci(r) for other, r in per_rep.items()}
+    per_rep = {f"{other}/{base}": [o["s_per_step"] / b["s_per_step"] for o, b in zip(runs[other], runs[base])]
+               for other, base in pairs}
+    ratios = {name: spread(r) for name, r in per_rep.items()}
+    ratio_ci = {name: median_ci(r) for name, r in per_rep.items()}
     # the same from per-run median step times: robust to a few steps slowed by other load on the machine
     ratios_of_medians = {
-        other: spread([o["step_s_median"] / b["step_s_median"] for o, b in zip(runs[other], runs[baseline])])
-        for other in others
+        f"{other}/{base}": spread([o["step_s_median"] / b["step_s_median"] for o, b in zip(runs[other], runs[base])])
+        for other, base in pairs
     }
     return {"sides": sides, "ratios": ratios, "ratio_ci": ratio_ci, "ratios_of_median_steps": ratios_of_medians}
 
@@ -200,8 +202,9 @@ def render_markdown(report: dict) -> str:
         "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + "  ",
         f"model: {wl['parameters'] / 1e6:.2f}M parameters (d{wl['hidden_size']}, L{wl['num_hidden_layers']}, "
         f"vocab {wl['vocab_size']}); {wl['samples']} completions x <= {wl['max_new_tokens']} tokens per step; "
-        f"{report['threads']} thread(s); {report['steps']} timed steps after {report['warmup']} warm-up, "
-        f"{report['reps']} repetition(s) A B A B",
+        f"{report['threads']} thread(s); {' and '.join(report.get('dtypes', ['float32']))}; "
+        f"{report['steps']} timed steps after {report['warmup']} warm-up, "
+        f"{report['reps']} repetition(s), the sides alternating",
         "",
     ]
     if report.get("note"):
@@ -215,11 +218,11 @@ def render_markdown(report: dict) -> str:
           _fmt(v.get("interval_s_per_step", {}).get("median")), _fmt(v["peak_rss_mib"]["max"], 0),
           _fmt(v["startup_s"]["median"], 1)] for side, v in sides.items()]))
     lines.append("")
-    for other, r in s["ratios"].items():
-        m = s["ratios_of_median_steps"][other]
+    for name, r in s["ratios"].items():
+        m = s["ratios_of_median_steps"][name]
         lines.append(
-            f"ratio {other}/klbench (s/step, > 1: klbench is faster): **median {r['median']:.3f}** "
-            f"({ci_text(s['ratio_ci'][other])}; min {r['min']:.3f}, max {r['max']:.3f} over "
+            f"ratio {name} (s/step, > 1: {name.split('/')[1]} is faster): **median {r['median']:.3f}** "
+            f"({ci_text(s['ratio_ci'][name])}; min {r['min']:.3f}, max {r['max']:.3f} over "
             f"{report['reps']} repetitions); from each run's median step: median {m['median']:.3f} "
             f"(min {m['min']:.3f}, max {m['max']:.3f})"
         )
@@ -254,9 +257,9 @@ def print_table(report: dict) -> None:
          for side, v in s["sides"].items()], "lrrrrrr",
         title=f"workload {report['workload']['name']} ({report['workload']['parameters'] / 1e6:.2f}M params), "
               f"{report['threads']} threads, {report['steps']} timed steps x {report['reps']} rep(s)"))
-    for other, r in s["ratios"].items():
-        m = s["ratios_of_median_steps"][other]
-        print(f"  ratio {other}/klbench s/step: median {r['median']:.3f} ({ci_text(s['ratio_ci'][other])}); "
+    for name, r in s["ratios"].items():
+        m = s["ratios_of_median_steps"][name]
+        print(f"  ratio {name} s/step: median {r['median']:.3f} ({ci_text(s['ratio_ci'][name])}); "
               f"min {r['min']:.3f}  max {r['max']:.3f}   (of median steps: {m['median']:.3f})")
     if report.get("note"):
         print(f"  note: {report['note']}")
@@ -290,11 +293,13 @@ def worker_spec(side: str, args, workload: Workload, model_dir: Path, **extra) -
 def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, stem: str) -> dict:
     report = base_report(argv, args, workload, model_dir)
     machine_load = MachineLoad()
-    specs = {side: worker_spec(side, args, workload, model_dir) for side in SIDES}
-    raw: dict[str, list[dict]] = {side: [] for side in SIDES}
+    # each side in each precision, as a named side: klbench, trl (float32), klbench-bf16, trl-bf16
+    specs = {side + DTYPES[dtype]: worker_spec(side, args, workload, model_dir, dtype=dtype)
+             for dtype in args.dtype for side in SIDES}
+    raw: dict[str, list[dict]] = {name: [] for name in specs}
     problems = []
     for rep in range(args.reps):
-        for side in SIDES:  # A B A B
+        for side in specs:  # A B A B (A B C D with two precisions)
             print(f"[{workload.name}] rep {rep + 1}/{args.reps}: {side} ...", flush=True)
             result = run_worker(specs[side], work, f"{workload.name}-{side}-{rep}")
             problems += [
@@ -312,11 +317,17 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
         raise BenchError(
             "the two sides did not do the work of one RL step per step:\n  " + "\n  ".join(problems[:20])
         )
-    summaries = {side: [summarize_run(r, args.warmup, workload.samples) for r in raw[side]] for side in SIDES}
+    summaries = {side: [summarize_run(r, args.warmup, workload.samples) for r in raw[side]] for side in specs}
     report["machine_load"] = machine_load.stop()
     report["note"] = load_note(report["machine_load"])
-    report["summary"] = aggregate(summaries, "klbench", ["trl"])
-    trl = trl_settings(workload, steps=args.warmup + args.steps, seed=args.seed, output_dir="<tmp>", device=args.device)
+    report["dtypes"] = args.dtype
+    # TRL against klbench in each precision; with two, also each side's float32 step over its bfloat16 one
+    pairs = [("trl" + DTYPES[d], "klbench" + DTYPES[d]) for d in args.dtype]
+    if len(args.dtype) > 1:
+        pairs += [(side, side + DTYPES["bfloat16"]) for side in SIDES]
+    report["summary"] = aggregate(summaries, pairs)
+    trl = trl_settings(workload, steps=args.warmup + args.steps, seed=args.seed, output_dir="<tmp>", device=args.device,
+                       dtype=args.dtype[-1])
     report["settings"] = {
         "shared": {"prompts_per_step": workload.prompts_per_step, "group_size": workload.group_size,
             "max_new_tokens": workload.max_new_tokens, "data": workload.data, "temperature": TEMPERATURE, "beta": BETA, "clip_eps": CLIP_EPS,
@@ -326,12 +337,12 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
         + " ".join(raw["klbench"][0]["config_overrides"]).replace(str(model_dir), "<model_dir>"),
         "trl": trl,
         "trl_deviations": trl_deviations(trl),
-        "optimizers": {side: raw[side][0].get("optimizer") for side in SIDES},
-        "torch_threads": {side: raw[side][0].get("torch_threads") for side in SIDES},
+        "optimizers": {side: raw[side][0].get("optimizer") for side in specs},
+        "torch_threads": {side: raw[side][0].get("torch_threads") for side in specs},
     }
     report["runs"] = {
         side: [{k: v for k, v in r.items() if k not in ("spec", "config_overrides")} for r in raw[side]]
-        for side in SIDES
+        for side in specs
     }
     print_table(report)
     if report["machine_load"]["quiet"] is False:  # never in place of a result measured on a quiet machine
@@ -514,6 +525,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="seed [0]; --curves takes several, one trajectory per side each, and tests agreement over them "
         "[0 1 2 3 4]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["float32"],
+        help="the step's precision on both sides (bfloat16: float32 weights, bf16 autocast forwards, like "
+        "model.dtype=bfloat16); two: every side in both, alternating, with the float32/bfloat16 ratios "
+        "[float32]")
     p.add_argument("--out", default="results/perf",
         help="directory for the JSON/Markdown results [results/perf]")
     mode = p.add_mutually_exclusive_group()
@@ -551,6 +566,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.dtype != ["float32"] and (args.short or args.curves or args.engine_overhead or args.ablations
+                                      or args.contention or args.profile):
+        p.error("--dtype applies to the comparison only (no mode flag); a run's precision is model.dtype=bfloat16")
+    if len(set(args.dtype)) < len(args.dtype):
+        p.error(f"--dtype repeats a dtype ({' '.join(args.dtype)}); give each once")
     args.seeds = args.seed or ([0, 1, 2, 3, 4] if args.curves else [0])
     if len(args.seeds) > 1 and not args.curves:
         p.error("several --seed values only apply to --curves")
@@ -608,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench_ablations(argv, args, workload, model_dir)
                 else:
                     stem = f"bench-{name}-short" if args.short else f"bench-{name}"
+                    if args.dtype != ["float32"]:
+                        stem += "".join(DTYPES[d] or "-fp32" for d in args.dtype)  # bench-25m-fp32-bf16
                     bench_workload(argv, args, workload, model_dir, work, stem)
     except BenchError as e:
         print(f"klbench: error: {e}", file=sys.stderr)

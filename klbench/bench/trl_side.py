@@ -25,6 +25,7 @@ from klbench.bench.workload import (
 from klbench.data import build_task
 from klbench.data.example import Example
 from klbench.reward import build_reward
+from klbench.train.runstate import pick_device
 
 #: Why each `GRPOConfig` keyword of `trl_settings` is passed. Everything else is TRL's default; the report
 #: lists every value that differs from TRL's own default with its reason (`trl_deviations`).
@@ -53,12 +54,13 @@ WHY = {
     "max_grad_norm": "the workload's gradient clip",
     "lr_scheduler_type": "klbench's constant learning rate (TRL's default decays it linearly to 0)",
     "warmup_steps": "no learning-rate warm-up, as klbench",
-    "bf16": "identical float32 work on both sides (TRL's default turns bf16 on where the hardware has it)",
+    "bf16": "the step's precision on both sides (--dtype): float32 by default; bfloat16 is autocast over float32 "
+    "weights on both sides (TRL's default turns bf16 on where the hardware has it)",
     "fp16": "identical float32 work on both sides",
     "gradient_checkpointing": "klbench keeps activations; TRL's default recomputes them (more arithmetic, less "
     "memory)",
     "model_init_kwargs": "float32 weights on both sides",
-    "use_cpu": "the device of --device", "seed": "--seed", "output_dir": "a temporary directory",
+    "use_cpu": "the device of --device (auto: the GPU if there is one)", "seed": "--seed", "output_dir": "a temporary directory",
     "logging_steps": "the benchmark reads reward and KL of every step from TRL's logs",
     "report_to": "no tracker on either side", "save_strategy": "no checkpoints on either side",
     "disable_tqdm": "no progress bar on either side", "log_completions": "no sample tables on either side",
@@ -66,7 +68,8 @@ WHY = {
 }
 
 
-def trl_settings(workload: Workload, *, steps: int, seed: int, output_dir: str, device: str) -> dict[str, Any]:
+def trl_settings(workload: Workload, *, steps: int, seed: int, output_dir: str, device: str,
+                 dtype: str = "float32") -> dict[str, Any]:
     """`GRPOConfig` keyword arguments that make TRL's step the one klbench runs (reasons: `WHY`)."""
     return dict(
         per_device_train_batch_size=workload.samples, gradient_accumulation_steps=1,
@@ -77,8 +80,8 @@ def trl_settings(workload: Workload, *, steps: int, seed: int, output_dir: str, 
         mask_truncated_completions=False, disable_dropout=True,
         learning_rate=LR, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], weight_decay=0.0,
         max_grad_norm=GRAD_CLIP, lr_scheduler_type="constant", warmup_steps=0,
-        bf16=False, fp16=False, gradient_checkpointing=False, model_init_kwargs={"dtype": "float32"},
-        use_cpu=device == "cpu",
+        bf16=dtype == "bfloat16", fp16=False, gradient_checkpointing=False, model_init_kwargs={"dtype": "float32"},
+        use_cpu=pick_device(device).type == "cpu",  # transformers allows bf16 on CPU only when told it is on CPU
         seed=seed, output_dir=output_dir, logging_steps=1, report_to="none", save_strategy="no",
         disable_tqdm=True, log_completions=False, dataloader_num_workers=0,
     )
@@ -146,7 +149,8 @@ def run_trl(spec: WorkerSpec) -> dict:
                 record[state.global_step].update(reward=logs["reward"], kl=logs.get("kl"))
 
     with tempfile.TemporaryDirectory(prefix="klbench-bench-trl-") as out_dir:
-        args = GRPOConfig(**trl_settings(workload, steps=total, seed=spec.seed, output_dir=out_dir, device=spec.device))
+        args = GRPOConfig(**trl_settings(workload, steps=total, seed=spec.seed, output_dir=out_dir, device=spec.device,
+                                           dtype=spec.dtype))
         layout = {"generation_batch_size": args.generation_batch_size,
             "steps_per_generation": args.steps_per_generation, "num_iterations": args.num_iterations}
         if layout != {"generation_batch_size": workload.samples, "steps_per_generation": 1,
