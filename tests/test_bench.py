@@ -233,6 +233,37 @@ def test_both_sides_run_the_step_in_the_precision_asked(tmp_path, run_cli):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
+@NEEDS_TRL  # the report lists TRL's deviations from its installed defaults
+@pytest.mark.parametrize("dtypes", [["bfloat16"], ["float32", "bfloat16"]])
+def test_two_precisions_alternate_every_side_and_report_each_ratio(tmp_path, monkeypatch, dtypes):
+    calls = []
+
+    def fake_worker(spec, work, tag):  # bf16 halves the step on both sides; TRL is 1.5x klbench
+        calls.append((spec.side, spec.dtype))
+        base = 0.2 if spec.side == "klbench" else 0.3
+        run = _run(spec.side, [1, 2, 3], {s: {"step_s": base / (2 if spec.dtype == "bfloat16" else 1)} for s in (1, 2, 3)})
+        return {**run, "config_overrides": workload.klbench_overrides(spec.load, spec.model_dir, steps=3, threads=1,
+                                                                      seed=0, device="cpu", dtype=spec.dtype)}
+
+    monkeypatch.setattr(runner, "run_worker", fake_worker)
+    monkeypatch.setattr(runner, "model_info", lambda model_dir: {"parameters": 1e6, "hidden_size": 128,
+                                                                 "num_hidden_layers": 4, "vocab_size": 258})
+    args = runner.parse_args(["--dtype", *dtypes, "--reps", "2", "--steps", "2", "--warmup", "1", "--threads", "1",
+                              "--out", str(tmp_path)])
+    report = runner.bench_workload([], args, workload.WORKLOADS["1m"], tmp_path, tmp_path, "bench-1m-x")
+    order = [(side, d) for d in dtypes for side in ("klbench", "trl")]
+    assert calls == order * 2  # every side in every precision, in the same order each repetition
+    ratios = {k: v["median"] for k, v in report["summary"]["ratios"].items()}
+    expected = {"trl-bf16/klbench-bf16": 1.5}
+    if len(dtypes) == 2:
+        expected |= {"trl/klbench": 1.5, "klbench/klbench-bf16": 2.0, "trl/trl-bf16": 2.0}
+    assert ratios == pytest.approx(expected)
+    assert f"model.dtype={dtypes[0]}" in report["settings"]["klbench_run"]
+    assert report["settings"]["trl"]["bf16"] is (dtypes[0] == "bfloat16") and report["dtypes"] == dtypes
+    md = next(tmp_path.glob("bench-1m-x*.md")).read_text()
+    assert " and ".join(dtypes) in md and "ratio trl-bf16/klbench-bf16 (s/step, > 1: klbench-bf16 is faster)" in md
+
+
 @NEEDS_TRL
 def test_trl_runs_its_defaults_except_where_the_workload_needs_otherwise():
     every = [trl_side.trl_settings(w, steps=5, seed=0, output_dir="/tmp/x", device="cpu")

@@ -326,15 +326,17 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
     if len(args.dtype) > 1:
         pairs += [(side, side + DTYPES["bfloat16"]) for side in SIDES]
     report["summary"] = aggregate(summaries, pairs)
+    # the settings of the first precision's sides (a second precision changes model.dtype and TRL's bf16 only)
+    first = "klbench" + DTYPES[args.dtype[0]]
     trl = trl_settings(workload, steps=args.warmup + args.steps, seed=args.seed, output_dir="<tmp>", device=args.device,
-                       dtype=args.dtype[-1])
+                       dtype=args.dtype[0])
     report["settings"] = {
         "shared": {"prompts_per_step": workload.prompts_per_step, "group_size": workload.group_size,
             "max_new_tokens": workload.max_new_tokens, "data": workload.data, "temperature": TEMPERATURE, "beta": BETA, "clip_eps": CLIP_EPS,
             "lr": LR, "adam_betas": list(ADAM_BETAS), "grad_clip": GRAD_CLIP, "std_eps": STD_EPS,
             **({} if workload.trait_bonus is None else {"trait_bonus": workload.trait_bonus})},
         "klbench_run": "klbench run "
-        + " ".join(raw["klbench"][0]["config_overrides"]).replace(str(model_dir), "<model_dir>"),
+        + " ".join(raw[first][0]["config_overrides"]).replace(str(model_dir), "<model_dir>"),
         "trl": trl,
         "trl_deviations": trl_deviations(trl),
         "optimizers": {side: raw[side][0].get("optimizer") for side in specs},
