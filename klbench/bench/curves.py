@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from klbench.bench.workload import SIDES
+
 #: Steps per window of the agreement test.
 WINDOW = 20
 
@@ -49,7 +51,7 @@ def curve_agreement(runs: dict[int, dict[str, list[dict]]], window: int = WINDOW
     side over seeds, the spread over seeds and Welch's t, and the relabelling test of the largest |t|
     (`p`; `agree`: p >= ALPHA, None when fewer seeds could never reach ALPHA)."""
     seeds = sorted(runs)
-    steps = min(len(runs[s][side]) for s in seeds for side in ("klbench", "trl"))
+    steps = min(len(runs[s][side]) for s in seeds for side in SIDES)
     out: dict[str, dict] = {}
     for metric in METRICS:
         a = [window_means(runs[s]["klbench"][:steps], metric, window) for s in seeds]
@@ -105,7 +107,7 @@ def plot_curves(runs: dict[int, dict[str, list[dict]]], path: Path, title: str, 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "reward", "reward (mean over the step's completions)"),
                            (axes[1], "kl", "KL: per-token k3, mean over response tokens")):
-        for color, side in zip(("tab:blue", "tab:orange"), ("klbench", "trl")):
+        for color, side in zip(("tab:blue", "tab:orange"), SIDES):
             n = min(len(runs[s][side]) for s in seeds)
             steps = [r["step"] for r in runs[seeds[0]][side][:n]]
             for s in seeds:

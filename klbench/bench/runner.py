@@ -152,15 +152,14 @@ def aggregate(runs: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> dict
             for k in keys
             if all(isinstance(s.get(k), (int, float)) for s in summaries)
         }
-    per_rep = {f"{other}/{base}": [o["s_per_step"] / b["s_per_step"] for o, b in zip(runs[other], runs[base])]
-               for other, base in pairs}
-    ratios = {name: spread(r) for name, r in per_rep.items()}
-    ratio_ci = {name: median_ci(r) for name, r in per_rep.items()}
+
+    def per_rep(key: str) -> dict[str, list[float]]:
+        return {f"{other}/{base}": [o[key] / b[key] for o, b in zip(runs[other], runs[base])] for other, base in pairs}
+
+    ratios = {name: spread(r) for name, r in per_rep("s_per_step").items()}
+    ratio_ci = {name: median_ci(r) for name, r in per_rep("s_per_step").items()}
     # the same from per-run median step times: robust to a few steps slowed by other load on the machine
-    ratios_of_medians = {
-        f"{other}/{base}": spread([o["step_s_median"] / b["step_s_median"] for o, b in zip(runs[other], runs[base])])
-        for other, base in pairs
-    }
+    ratios_of_medians = {name: spread(r) for name, r in per_rep("step_s_median").items()}
     return {"sides": sides, "ratios": ratios, "ratio_ci": ratio_ci, "ratios_of_median_steps": ratios_of_medians}
 
 
