@@ -164,6 +164,10 @@ class ModelConfig:
     gguf_file: str | None = None
     dtype: Dtype = Dtype.float32
     gradient_checkpointing: bool = False
+    # torch.compile (inductor, dynamic shapes) of the decoder's forward: sampling, scoring and training.
+    # Pays a one-off compile (15-60 s on CPU, once per process), then faster steps: worth it for long runs
+    # and sweeps whose jobs share a process (docs/performance.md, "Compiling the model")
+    compile: bool = False
     trust_remote_code: bool = False
     # auto: klbench's (matmul attention for short sequences on CPU, SDPA otherwise: klbench/attention.py);
     # or a transformers name: sdpa | eager | flash_attention_2 | ...
@@ -184,6 +188,9 @@ class ModelConfig:
                "must be auto or a transformers attention implementation (sdpa, eager, ...)")
         _check(self.hidden_size % self.num_heads == 0, "model", "hidden_size", self.hidden_size,
                f"must be divisible by model.num_heads={self.num_heads}")
+        if self.compile:
+            _check(not self.gradient_checkpointing, "model", "compile", self.compile,
+                   "cannot be combined with model.gradient_checkpointing=true")
 
 
 @dataclass
@@ -418,6 +425,9 @@ class Config:
         if self.model.lora.rank:
             _check(self.trainer.backend == Backend.torch, "model.lora", "rank", self.model.lora.rank,
                    "LoRA trains with trainer.backend=torch")
+        if self.model.compile:
+            _check(self.trainer.backend == Backend.torch, "model", "compile", self.model.compile,
+                   "compiles with trainer.backend=torch")
         keys = flatten(self)
         for key in self.trainer.resume_allow_changes:
             _check(key in keys, "trainer", "resume_allow_changes", key,

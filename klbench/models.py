@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import time
+import types
 from dataclasses import asdict
 from pathlib import Path
 
@@ -309,6 +310,8 @@ def load_causal_lm(path: str, cfg: ModelConfig, device: torch.device, trainable:
     if mixed:
         setattr(model, AUTOCAST_DTYPE, dtype)
     model.to(device)
+    if cfg.compile:
+        compile_decoder(model, device)
     if trainable:
         model.train()
         if cfg.gradient_checkpointing:
@@ -320,6 +323,35 @@ def load_causal_lm(path: str, cfg: ModelConfig, device: torch.device, trainable:
     else:
         model.eval().requires_grad_(False)
     return model
+
+
+# Compiled variants of one forward: policy and reference, with and without gradient, prefill and decoding
+# (a KV cache or none) each take one; torch's default of 8 would leave later ones eager.
+COMPILE_VARIANTS = 32
+
+
+@functools.cache
+def _compiled(forward):
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_VARIANTS)
+    return torch.compile(forward, dynamic=True)
+
+
+def compile_decoder(model: torch.nn.Module, device: torch.device) -> None:
+    """`model.compile`: the decoder's forward (embeddings to final norm, every call: sampling, scoring,
+    training) through torch.compile with dynamic shapes, so growing sequences and KV caches reuse one
+    graph. The compiled function is shared by every instance of the class and bound per instance, so a
+    deep copy (the stale sampler) and the next model a process loads (a sweep's next job) reuse its
+    graphs. The LM head and log-softmax stay eager."""
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 - inductor's own error types vary across versions
+            raise KlbenchError(f"model.compile=true on CPU needs a C++ compiler for inductor ({e}); "
+                               "install one (g++) or set model.compile=false") from e
+    decoder = model.get_decoder()
+    decoder.forward = types.MethodType(_compiled(type(decoder).forward), decoder)
 
 
 def _load_hint(path: str, err: Exception) -> str:

@@ -22,6 +22,8 @@ BAD = [
     (["kl.grad_estimator=k5"], "kl.grad_estimator='k5' is not valid; allowed: same, k1, k2, k3, none"),
     (["kl=k1_in_reward", "kl.grad_estimator=k2"], "sets the gradient of a KL *loss*"),
     (["kl=none,k2_as_loss"], "is a sweep: add -m"),
+    (["model.compile=true", "trainer.backend=deepspeed"], "model.compile=True is not valid; compiles with trainer.backend=torch"),
+    (["model.compile=true", "model.gradient_checkpointing=true"], "cannot be combined with model.gradient_checkpointing"),
 ]
 
 
