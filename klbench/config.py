@@ -66,7 +66,7 @@ WandbMode = _choices("WandbMode", "auto online offline disabled")
 RESUMABLE = ("trainer.steps", "trainer.resume", "trainer.save_every", "trainer.keep_last", "trainer.log_every",
              "trainer.samples_per_log", "trainer.threads", "logger.", "eval.", "name", "rollout.check_logprobs",
              "rollout.max_logprob_mismatch", "rollout.kv_cache_gib", "rollout.gpu_memory_utilization",
-             "rollout.enforce_eager", "rollout.enable_sleep_mode")
+             "rollout.enforce_eager", "rollout.enable_sleep_mode", "model.compile")
 
 
 class ConfigError(KlbenchError, ValueError):

@@ -122,3 +122,14 @@ def test_existing_run_dir_is_not_overwritten(run_cli, checkpointed_run):
     proc = run_cli("run", *ARGS, "trainer.steps=2", f"hydra.run.dir={checkpointed_run}", check=False)
     assert proc.returncode == 1 and "holds a run" in proc.stderr and "trainer.resume=auto" in proc.stderr
     assert (checkpointed_run / "metrics.jsonl").read_text() == before
+
+
+def test_a_resume_may_switch_compilation_but_not_the_experiment(tmp_path):
+    from klbench.config import Config, ModelConfig, flatten
+    from klbench.errors import KlbenchError
+    from klbench.train.rundir import check_resume
+
+    saved = json.loads(json.dumps(flatten(Config()), default=str))
+    check_resume(Config(model=ModelConfig(compile=True)), saved, 1, tmp_path)  # a speed setting: accepted
+    with pytest.raises(KlbenchError, match="model.hidden_size"):
+        check_resume(Config(model=ModelConfig(compile=True, hidden_size=64)), saved, 1, tmp_path)
