@@ -165,7 +165,7 @@ class ModelConfig:
     dtype: Dtype = Dtype.float32
     gradient_checkpointing: bool = False
     # torch.compile (inductor, dynamic shapes) of the decoder's forward: sampling, scoring and training.
-    # Pays a one-off compile (15-60 s on CPU, once per process), then faster steps: worth it for long runs
+    # Pays a one-off compile (25-55 s on 2 CPU cores, once per process), then faster steps: worth it for long runs
     # and sweeps whose jobs share a process (docs/performance.md, "Compiling the model")
     compile: bool = False
     trust_remote_code: bool = False

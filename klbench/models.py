@@ -350,7 +350,10 @@ def compile_decoder(model: torch.nn.Module, device: torch.device) -> None:
         except Exception as e:  # noqa: BLE001 - inductor's own error types vary across versions
             raise KlbenchError(f"model.compile=true on CPU needs a C++ compiler for inductor ({e}); "
                                "install one (g++) or set model.compile=false") from e
-    decoder = model.get_decoder()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(decoder, torch.nn.Module):
+        raise KlbenchError(f"model.compile=true: {type(model).__name__} has no decoder to compile (get_decoder); "
+                           "set model.compile=false")
     decoder.forward = types.MethodType(_compiled(type(decoder).forward), decoder)
 
 

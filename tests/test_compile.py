@@ -61,3 +61,10 @@ def test_compile_without_a_cpp_compiler_says_what_to_install(miniature_cache, mo
     monkeypatch.setattr(builder, "get_cpp_compiler", missing)
     with pytest.raises(KlbenchError, match="needs a C.. compiler .*set model.compile=false"):
         load_causal_lm(str(miniature_dir(ModelConfig())), ModelConfig(compile=True), CPU, trainable=False)
+
+
+def test_compile_needs_a_decoder():
+    from klbench.models import compile_decoder
+
+    with pytest.raises(KlbenchError, match="has no decoder to compile"):
+        compile_decoder(torch.nn.Linear(2, 2), CPU)
