@@ -220,48 +220,68 @@ def test_other_work_on_the_machine_is_measured(tmp_path):
     assert fairness.load_note({**out, "quiet": True}) is None
 
 
-def test_both_sides_run_the_step_in_the_precision_asked(tmp_path, run_cli):
+def test_both_sides_run_the_step_in_the_precision_and_compile_setting_asked(tmp_path, run_cli):
     spec = workload.WorkerSpec(side="klbench", workload="1m", model_dir=str(tmp_path), steps=4, warmup=1, threads=1,
-                               dtype="bfloat16")
-    assert workload.klbench_config(spec).model.dtype == "bfloat16"  # float32 weights, bf16 autocast forwards
+                               dtype="bfloat16", compiled=True)
+    cfg = workload.klbench_config(spec)
+    assert cfg.model.dtype == "bfloat16" and cfg.model.compile is True  # float32 weights, bf16 autocast forwards
     s = trl_side.trl_settings(workload.WORKLOADS["1m"], steps=5, seed=0, output_dir="/tmp/x", device="cpu",
-                              dtype="bfloat16")
+                              dtype="bfloat16", compiled=True)
     assert s["bf16"] is True and s["fp16"] is False and s["model_init_kwargs"] == {"dtype": "float32"}
+    assert s["torch_compile"] is True
+    assert workload.klbench_config(workload.WorkerSpec(side="klbench", workload="1m", model_dir=str(tmp_path), steps=4,
+                                                       warmup=1, threads=1)).model.compile is False
     for args, message in ((["--curves", "--dtype", "bfloat16"], "--dtype applies to the comparison only"),
-                          (["--dtype", "float32", "float32"], "--dtype repeats a dtype")):
+                          (["--dtype", "float32", "float32"], "--dtype repeats a dtype"),
+                          (["--profile", "--compile", "on"], "--compile applies to the comparison only"),
+                          (["--compile", "off", "off"], "--compile repeats a setting")):
         proc = run_cli("bench", *args, "--out", str(tmp_path), check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 @NEEDS_TRL  # the report lists TRL's deviations from its installed defaults
-@pytest.mark.parametrize("dtypes", [["bfloat16"], ["float32", "bfloat16"]])
-def test_two_precisions_alternate_every_side_and_report_each_ratio(tmp_path, monkeypatch, dtypes):
+@pytest.mark.parametrize("dtypes,compiles", [(["bfloat16"], ["off"]), (["float32", "bfloat16"], ["off"]),
+                                             (["float32"], ["on"]), (["float32", "bfloat16"], ["off", "on"])])
+def test_each_setting_alternates_every_side_and_reports_each_ratio(tmp_path, monkeypatch, dtypes, compiles):
     calls = []
 
-    def fake_worker(spec, work, tag):  # bf16 halves the step on both sides; TRL is 1.5x klbench
-        calls.append((spec.side, spec.dtype))
-        base = 0.2 if spec.side == "klbench" else 0.3
-        run = _run(spec.side, [1, 2, 3], {s: {"step_s": base / (2 if spec.dtype == "bfloat16" else 1)} for s in (1, 2, 3)})
+    def fake_worker(spec, work, tag):  # bf16 halves the step on both sides, compiling cuts a quarter; TRL 1.5x klbench
+        calls.append((spec.side, spec.dtype, spec.compiled))
+        base = (0.2 if spec.side == "klbench" else 0.3) / (2 if spec.dtype == "bfloat16" else 1) * (
+            0.75 if spec.compiled else 1)
+        run = _run(spec.side, [1, 2, 3], {s: {"step_s": base} for s in (1, 2, 3)})
         return {**run, "config_overrides": workload.klbench_overrides(spec.load, spec.model_dir, steps=3, threads=1,
-                                                                      seed=0, device="cpu", dtype=spec.dtype)}
+                                                                      seed=0, device="cpu", dtype=spec.dtype,
+                                                                      compiled=spec.compiled)}
 
     monkeypatch.setattr(runner, "run_worker", fake_worker)
     monkeypatch.setattr(runner, "model_info", lambda model_dir: {"parameters": 1e6, "hidden_size": 128,
                                                                  "num_hidden_layers": 4, "vocab_size": 258})
-    args = runner.parse_args(["--dtype", *dtypes, "--reps", "2", "--steps", "2", "--warmup", "1", "--threads", "1",
-                              "--out", str(tmp_path)])
+    args = runner.parse_args(["--dtype", *dtypes, "--compile", *compiles, "--reps", "2", "--steps", "2", "--warmup",
+                              "1", "--threads", "1", "--out", str(tmp_path)])
     report = runner.bench_workload([], args, workload.WORKLOADS["1m"], tmp_path, tmp_path, "bench-1m-x")
-    order = [(side, d) for d in dtypes for side in ("klbench", "trl")]
-    assert calls == order * 2  # every side in every precision, in the same order each repetition
+    order = [(side, d, c == "on") for d in dtypes for c in compiles for side in ("klbench", "trl")]
+    assert calls == order * 2  # every side in every setting, in the same order each repetition
     ratios = {k: v["median"] for k, v in report["summary"]["ratios"].items()}
-    expected = {"trl-bf16/klbench-bf16": 1.5}
+    names = {(d, c): workload.DTYPES[d] + workload.COMPILE[c] for d in dtypes for c in compiles}
+    expected = {f"trl{n}/klbench{n}": 1.5 for n in names.values()}
     if len(dtypes) == 2:
-        expected |= {"trl/klbench": 1.5, "klbench/klbench-bf16": 2.0, "trl/trl-bf16": 2.0}
+        expected |= {f"{side}{names['float32', c]}/{side}{names['bfloat16', c]}": 2.0
+                     for c in compiles for side in ("klbench", "trl")}
+    if len(compiles) == 2:
+        expected |= {f"{side}{names[d, 'off']}/{side}{names[d, 'on']}": 1 / 0.75
+                     for d in dtypes for side in ("klbench", "trl")}
     assert ratios == pytest.approx(expected)
     assert f"model.dtype={dtypes[0]}" in report["settings"]["klbench_run"]
-    assert report["settings"]["trl"]["bf16"] is (dtypes[0] == "bfloat16") and report["dtypes"] == dtypes
+    assert f"model.compile={'true' if compiles[0] == 'on' else 'false'}" in report["settings"]["klbench_run"]
+    trl = report["settings"]["trl"]
+    assert trl["bf16"] is (dtypes[0] == "bfloat16") and trl["torch_compile"] is (compiles[0] == "on")
+    assert report["dtypes"] == dtypes and report["compile"] == compiles
     md = next(tmp_path.glob("bench-1m-x*.md")).read_text()
-    assert " and ".join(dtypes) in md and "ratio trl-bf16/klbench-bf16 (s/step, > 1: klbench-bf16 is faster)" in md
+    assert " and ".join(dtypes) in md
+    assert " and ".join({"off": "eager", "on": "compiled"}[c] for c in compiles) in md
+    last = names[dtypes[-1], compiles[-1]]
+    assert f"ratio trl{last}/klbench{last} (s/step, > 1: klbench{last} is faster)" in md
 
 
 @NEEDS_TRL

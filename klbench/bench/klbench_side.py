@@ -90,7 +90,7 @@ def run_klbench(spec: WorkerSpec) -> dict:
         "torch_threads": torch.get_num_threads(),
         "optimizer": type(trainer.backend.opt).__name__ if hasattr(trainer.backend, "opt") else None,
         "config_overrides": klbench_overrides(spec.load, spec.model_dir, steps=cfg.trainer.steps, threads=spec.threads,
-            seed=spec.seed, device=spec.device),
+            seed=spec.seed, device=spec.device, dtype=spec.dtype, compiled=spec.compiled),
     }
 
 

@@ -27,6 +27,7 @@ from klbench.bench.workload import (
     ADAM_BETAS,
     BETA,
     CLIP_EPS,
+    COMPILE,
     DTYPES,
     ENGINE_SIDES,
     GRAD_CLIP,
@@ -202,6 +203,7 @@ def render_markdown(report: dict) -> str:
         f"model: {wl['parameters'] / 1e6:.2f}M parameters (d{wl['hidden_size']}, L{wl['num_hidden_layers']}, "
         f"vocab {wl['vocab_size']}); {wl['samples']} completions x <= {wl['max_new_tokens']} tokens per step; "
         f"{report['threads']} thread(s); {' and '.join(report.get('dtypes', ['float32']))}; "
+        f"{' and '.join({'off': 'eager', 'on': 'compiled'}[c] for c in report.get('compile', ['off']))}; "
         f"{report['steps']} timed steps after {report['warmup']} warm-up, "
         f"{report['reps']} repetition(s), the sides alternating",
         "",
@@ -292,9 +294,11 @@ def worker_spec(side: str, args, workload: Workload, model_dir: Path, **extra) -
 def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, stem: str) -> dict:
     report = base_report(argv, args, workload, model_dir)
     machine_load = MachineLoad()
-    # each side in each precision, as a named side: klbench, trl (float32), klbench-bf16, trl-bf16
-    specs = {side + DTYPES[dtype]: worker_spec(side, args, workload, model_dir, dtype=dtype)
-             for dtype in args.dtype for side in SIDES}
+    # each side in each precision and compile setting, as a named side: klbench, trl (float32, eager),
+    # klbench-bf16, trl-bf16, klbench-compiled, ...
+    specs = {side + DTYPES[dtype] + COMPILE[c]: worker_spec(side, args, workload, model_dir, dtype=dtype,
+                                                            compiled=c == "on")
+             for dtype in args.dtype for c in args.compile for side in SIDES}
     raw: dict[str, list[dict]] = {name: [] for name in specs}
     problems = []
     for rep in range(args.reps):
@@ -319,16 +323,20 @@ def bench_workload(argv, args, workload: Workload, model_dir: Path, work: Path, 
     summaries = {side: [summarize_run(r, args.warmup, workload.samples) for r in raw[side]] for side in specs}
     report["machine_load"] = machine_load.stop()
     report["note"] = load_note(report["machine_load"])
-    report["dtypes"] = args.dtype
-    # TRL against klbench in each precision; with two, also each side's float32 step over its bfloat16 one
-    pairs = [("trl" + DTYPES[d], "klbench" + DTYPES[d]) for d in args.dtype]
+    report["dtypes"], report["compile"] = args.dtype, args.compile
+    # TRL against klbench in each setting; with two precisions (compile settings), also each side's float32
+    # (eager) step over its bfloat16 (compiled) one
+    pairs = [("trl" + DTYPES[d] + COMPILE[c], "klbench" + DTYPES[d] + COMPILE[c])
+             for d in args.dtype for c in args.compile]
     if len(args.dtype) > 1:
-        pairs += [(side, side + DTYPES["bfloat16"]) for side in SIDES]
+        pairs += [(side + COMPILE[c], side + DTYPES["bfloat16"] + COMPILE[c]) for c in args.compile for side in SIDES]
+    if len(args.compile) > 1:
+        pairs += [(side + DTYPES[d], side + DTYPES[d] + COMPILE["on"]) for d in args.dtype for side in SIDES]
     report["summary"] = aggregate(summaries, pairs)
-    # the settings of the first precision's sides (a second precision changes model.dtype and TRL's bf16 only)
-    first = "klbench" + DTYPES[args.dtype[0]]
+    # the settings of the first sides (other sides change model.dtype/TRL's bf16, model.compile/torch_compile only)
+    first = "klbench" + DTYPES[args.dtype[0]] + COMPILE[args.compile[0]]
     trl = trl_settings(workload, steps=args.warmup + args.steps, seed=args.seed, output_dir="<tmp>", device=args.device,
-                       dtype=args.dtype[0])
+                       dtype=args.dtype[0], compiled=args.compile[0] == "on")
     report["settings"] = {
         "shared": {"prompts_per_step": workload.prompts_per_step, "group_size": workload.group_size,
             "max_new_tokens": workload.max_new_tokens, "data": workload.data, "temperature": TEMPERATURE, "beta": BETA, "clip_eps": CLIP_EPS,
@@ -530,6 +538,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="the step's precision on both sides (bfloat16: float32 weights, bf16 autocast forwards, like "
         "model.dtype=bfloat16); two: every side in both, alternating, with the float32/bfloat16 ratios "
         "[float32]")
+    p.add_argument("--compile", nargs="+", choices=tuple(COMPILE), default=["off"],
+        help="compiled models on both sides (on: klbench's model.compile=true, TRL's torch_compile=True); "
+        "off on: every side both ways, alternating, with the eager/compiled ratios [off]")
     p.add_argument("--out", default="results/perf",
         help="directory for the JSON/Markdown results [results/perf]")
     mode = p.add_mutually_exclusive_group()
@@ -572,6 +583,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--dtype applies to the comparison only (no mode flag); a run's precision is model.dtype=bfloat16")
     if len(set(args.dtype)) < len(args.dtype):
         p.error(f"--dtype repeats a dtype ({' '.join(args.dtype)}); give each once")
+    if args.compile != ["off"] and (args.short or args.curves or args.engine_overhead or args.ablations
+                                    or args.contention or args.profile):
+        p.error("--compile applies to the comparison only (no mode flag); a run compiles with model.compile=true")
+    if len(set(args.compile)) < len(args.compile):
+        p.error(f"--compile repeats a setting ({' '.join(args.compile)}); give each once")
     args.seeds = args.seed or ([0, 1, 2, 3, 4] if args.curves else [0])
     if len(args.seeds) > 1 and not args.curves:
         p.error("several --seed values only apply to --curves")
@@ -631,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
                     stem = f"bench-{name}-short" if args.short else f"bench-{name}"
                     if args.dtype != ["float32"]:
                         stem += "".join(DTYPES[d] or "-fp32" for d in args.dtype)  # bench-25m-fp32-bf16
+                    if args.compile != ["off"]:
+                        stem += "".join(COMPILE[c] or "-eager" for c in args.compile)  # bench-1m-eager-compiled
                     bench_workload(argv, args, workload, model_dir, work, stem)
     except BenchError as e:
         print(f"klbench: error: {e}", file=sys.stderr)

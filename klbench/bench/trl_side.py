@@ -57,6 +57,8 @@ WHY = {
     "bf16": "the step's precision on both sides (--dtype): float32 by default; bfloat16 is autocast over float32 "
     "weights on both sides (TRL's default turns bf16 on where the hardware has it)",
     "fp16": "identical float32 work on both sides",
+    "torch_compile": "--compile on: TRL's own switch against klbench's model.compile=true (transformers' Trainer "
+    "compiles the model it trains; TRL's default is eager)",
     "gradient_checkpointing": "klbench keeps activations; TRL's default recomputes them (more arithmetic, less "
     "memory)",
     "model_init_kwargs": "float32 weights on both sides",
@@ -69,7 +71,7 @@ WHY = {
 
 
 def trl_settings(workload: Workload, *, steps: int, seed: int, output_dir: str, device: str,
-                 dtype: str = "float32") -> dict[str, Any]:
+                 dtype: str = "float32", compiled: bool = False) -> dict[str, Any]:
     """`GRPOConfig` keyword arguments that make TRL's step the one klbench runs (reasons: `WHY`)."""
     return dict(
         per_device_train_batch_size=workload.samples, gradient_accumulation_steps=1,
@@ -80,7 +82,7 @@ def trl_settings(workload: Workload, *, steps: int, seed: int, output_dir: str, 
         mask_truncated_completions=False, disable_dropout=True,
         learning_rate=LR, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], weight_decay=0.0,
         max_grad_norm=GRAD_CLIP, lr_scheduler_type="constant", warmup_steps=0,
-        bf16=dtype == "bfloat16", fp16=False, gradient_checkpointing=False, model_init_kwargs={"dtype": "float32"},
+        bf16=dtype == "bfloat16", fp16=False, torch_compile=compiled, gradient_checkpointing=False, model_init_kwargs={"dtype": "float32"},
         use_cpu=pick_device(device).type == "cpu",  # transformers allows bf16 on CPU only when told it is on CPU
         seed=seed, output_dir=output_dir, logging_steps=1, report_to="none", save_strategy="no",
         disable_tqdm=True, log_completions=False, dataloader_num_workers=0,
@@ -150,7 +152,7 @@ def run_trl(spec: WorkerSpec) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="klbench-bench-trl-") as out_dir:
         args = GRPOConfig(**trl_settings(workload, steps=total, seed=spec.seed, output_dir=out_dir, device=spec.device,
-                                           dtype=spec.dtype))
+                                           dtype=spec.dtype, compiled=spec.compiled))
         layout = {"generation_batch_size": args.generation_batch_size,
             "steps_per_generation": args.steps_per_generation, "num_iterations": args.num_iterations}
         if layout != {"generation_batch_size": workload.samples, "steps_per_generation": 1,

@@ -90,11 +90,11 @@ WORKLOADS = {
 
 
 def klbench_overrides(workload: Workload, model_dir: str, *, steps: int, threads: int, seed: int,
-                      device: str, dtype: str = "float32") -> list[str]:
+                      device: str, dtype: str = "float32", compiled: bool = False) -> list[str]:
     """The `klbench run` overrides of the benchmarked step (on top of conf/config.yaml)."""
     data = [f"data={workload.data}"] + ([] if workload.trait_bonus is None else [f"data.trait_bonus={workload.trait_bonus}"])
     return [f"model={workload.model_group}", f"model.name_or_path={model_dir}", "model.gguf_file=null",
-        f"model.dtype={dtype}", "model.gradient_checkpointing=false",
+        f"model.dtype={dtype}", "model.gradient_checkpointing=false", f"model.compile={str(compiled).lower()}",
         *data, "kl=k3_as_loss", f"kl.coef={BETA}", "algo=grpo",
         f"algo.group_size={workload.group_size}", f"algo.prompts_per_step={workload.prompts_per_step}",
         "algo.loss_agg=seq_mean_token_mean", f"algo.std_eps={STD_EPS}", f"algo.clip_eps={CLIP_EPS}",
@@ -112,6 +112,9 @@ SIDES = ("klbench", "trl")
 
 #: The step's precisions (`klbench bench --dtype`), with the suffix of their side names in a report.
 DTYPES = {"float32": "", "bfloat16": "-bf16"}
+
+#: Eager or compiled models on both sides (`klbench bench --compile`), with the suffix of their side names.
+COMPILE = {"off": "", "on": "-compiled"}
 
 
 ENGINE_SIDES = ("vllm-engine", "vllm-bare", "vllm-bare-unseeded")
@@ -131,6 +134,7 @@ class WorkerSpec:
     profile: str | None = None  # klbench: write a torch.profiler table to this path
     new_tokens: int = MAX_NEW_TOKENS  # engine sides
     dtype: str = "float32"  # klbench/trl: a DTYPES key (bfloat16: float32 weights, bf16 autocast forwards)
+    compiled: bool = False  # klbench: model.compile=true; TRL: torch_compile=True
 
     @property
     def load(self) -> Workload:
@@ -168,7 +172,7 @@ def add_timer(obj, attr: str, record: dict, key_fn, name: str, when=None) -> Non
 def klbench_config(spec: WorkerSpec):
     """The validated `Config` of the benchmarked step, composed from conf/ like `klbench run` does."""
     overrides = klbench_overrides(spec.load, spec.model_dir, steps=spec.warmup + spec.steps, threads=spec.threads,
-        seed=spec.seed, device=spec.device, dtype=spec.dtype)
+        seed=spec.seed, device=spec.device, dtype=spec.dtype, compiled=spec.compiled)
     with composer() as compose:
         return to_config(compose(overrides))
 
