@@ -282,6 +282,7 @@ def test_each_setting_alternates_every_side_and_reports_each_ratio(tmp_path, mon
     assert " and ".join({"off": "eager", "on": "compiled"}[c] for c in compiles) in md
     last = names[dtypes[-1], compiles[-1]]
     assert f"ratio trl{last}/klbench{last} (s/step, > 1: klbench{last} is faster)" in md
+    assert ("the others differ from them only in" in md) is (len(dtypes) + len(compiles) > 2)
 
 
 @NEEDS_TRL

@@ -246,6 +246,11 @@ def render_markdown(report: dict) -> str:
                   tables.markdown(["GRPOConfig", "TRL default", "here", "why"],
                                   [[f"`{d['key']}`", repr(d["trl_default"]), repr(d["value"]), d["why"]] for d in devs]),
                   ""]
+    changes = ([] if len(report.get("dtypes", [])) < 2 else ["`bf16` (klbench `model.dtype`), as -bf16 in their names says"]) + (
+        [] if len(report.get("compile", [])) < 2 else ["`torch_compile` (klbench `model.compile`), as -compiled says"])
+    if changes:  # the settings above are the first two sides'
+        lines += ["These are the settings of the first two sides; the others differ from them only in "
+                  + " and in ".join(changes) + ".", ""]
     return "\n".join(lines)
 
 
