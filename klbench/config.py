@@ -283,7 +283,8 @@ class RolloutConfig:
     max_new_tokens: int = 14
     staleness: int = 0  # sample with the policy from this many updates ago (off-policy experiments)
     check_logprobs: bool = False  # recompute behaviour log-probs with the trainer and log the mismatch
-    max_logprob_mismatch: float = 0.05  # stop the run when max |Δ logp| exceeds this
+    max_logprob_mismatch: float | None = None  # stop the run above this max |Δ logp|; null: by the policy's
+    # compute precision (0.05 float32, 0.5 half: klbench.precision.LOGPROB_TOLERANCE)
     # vLLM (engine=vllm only)
     gpu_memory_utilization: float = 0.5
     tensor_parallel_size: int = 1  # GPUs one vLLM engine spans (GPU only)
@@ -296,6 +297,8 @@ class RolloutConfig:
         _check(0 < self.top_p <= 1, "rollout", "top_p", self.top_p, "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "rollout", "max_new_tokens", self.max_new_tokens, "must be >= 1")
         _check(self.staleness >= 0, "rollout", "staleness", self.staleness, "must be >= 0")
+        _check(self.max_logprob_mismatch is None or self.max_logprob_mismatch > 0, "rollout", "max_logprob_mismatch",
+               self.max_logprob_mismatch, "must be > 0 (or null: by precision)")
         _check(self.tensor_parallel_size >= 1, "rollout", "tensor_parallel_size", self.tensor_parallel_size,
                "must be >= 1")
         if self.engine != Engine.vllm:

@@ -8,6 +8,7 @@ BAD = [
     (["kl.coef=-1"], "kl.coef=-1.0 is not valid; must be >= 0"),
     (["algo.group_size=1"], "algo.group_size=1 is not valid; must be >= 2"),
     (["trainer.steps=0"], "trainer.steps=0 is not valid; must be >= 1"),
+    (["rollout.max_logprob_mismatch=0"], "rollout.max_logprob_mismatch=0.0 is not valid; must be > 0"),
     (["kl.estimator=k4"], "kl.estimator='k4' is not valid; allowed: k1, k2, k3"),
     (["kl.placement=everywhere"], "allowed: none, reward, loss, both"),
     (["kl.coeff=0.1"], "unknown config key 'kl.coeff'; keys allowed at kl: coef, estimator"),

@@ -42,6 +42,7 @@ from klbench.models import (
     stop_ids,
 )
 from klbench.ops import masked_mean
+from klbench.precision import logprob_tolerance
 from klbench.reward import build_reward
 from klbench.rollout.base import RolloutBatch, SamplingParams
 from klbench.rollout.factory import build_engine, check_engine
@@ -201,11 +202,12 @@ class Trainer:
             diff = (sampler_logp - batch.behaviour_logp).abs() * mask
             metrics["rollout/logprob_mismatch"] = (diff.sum() / mask.sum()).item()
             metrics["rollout/logprob_mismatch_max"] = diff.max().item()
-            if metrics["rollout/logprob_mismatch_max"] > cfg.rollout.max_logprob_mismatch:
+            tolerance = logprob_tolerance(self.policy, cfg.rollout.max_logprob_mismatch)
+            if metrics["rollout/logprob_mismatch_max"] > tolerance:
                 raise KlbenchError(
                     f"step {step}: behaviour log-probs from rollout.engine={cfg.rollout.engine} differ from the "
                     f"trainer's by up to {metrics['rollout/logprob_mismatch_max']:.3g} "
-                    f"(> rollout.max_logprob_mismatch={cfg.rollout.max_logprob_mismatch}): weights are out of sync"
+                    f"(> rollout.max_logprob_mismatch={tolerance}): weights are out of sync"
                 )
 
         beta = self.controller.value
