@@ -165,8 +165,8 @@ class ModelConfig:
     dtype: Dtype = Dtype.float32
     gradient_checkpointing: bool = False
     # torch.compile (inductor, dynamic shapes) of the decoder's forward: sampling, scoring and training.
-    # Pays a one-off compile (25-55 s on 2 CPU cores, once per process), then faster steps: worth it for long runs
-    # and sweeps whose jobs share a process (docs/performance.md, "Compiling the model")
+    # Pays a one-off compile once per process (2 CPU cores: 25-37 s with inductor's cache warm, 55-202 s cold),
+    # then faster steps: worth it for long runs and sweeps whose jobs share a process (docs/performance.md)
     compile: bool = False
     trust_remote_code: bool = False
     # auto: klbench's (matmul attention for short sequences on CPU, SDPA otherwise: klbench/attention.py);
