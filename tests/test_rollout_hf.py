@@ -104,7 +104,8 @@ def test_shared_prompt_forward_equals_one_forward_per_row(engine_and_model, ragg
     mini = trim(batch.select(torch.randperm(batch.num_samples, generator=torch.Generator().manual_seed(0))[:10]))
     for b in (batch, mini):
         _, inverse = torch.unique(b.group, return_inverse=True)
-        shared = lp._shared_prompt_logits(model, b, inverse, torch.device("cpu"))
+        pieces = lp._shared_prompt_logits(model, b, inverse, torch.device("cpu"))
+        shared = lp.rows_in_order(pieces, [logits for _, logits in pieces], b.response_ids.shape[1])
         g_shared = torch.autograd.grad((shared.float().logsumexp(-1) * b.response_mask).sum(), list(model.parameters()))
         full = lp._full_logits(model, b, torch.device("cpu"))
         g_full = torch.autograd.grad((full.float().logsumexp(-1) * b.response_mask).sum(), list(model.parameters()))
@@ -118,3 +119,52 @@ def test_shared_prompt_forward_equals_one_forward_per_row(engine_and_model, ragg
     full = lp._full_logits(model, mini, torch.device("cpu")).float()
     expect = (full.gather(-1, mini.response_ids.unsqueeze(-1)).squeeze(-1) - full.logsumexp(-1)) * mini.response_mask
     torch.testing.assert_close(logp, expect, atol=2e-5, rtol=1e-5)
+
+
+def test_length_buckets_split_only_when_padding_is_worth_a_forward(monkeypatch):
+    from klbench.train import logprobs as lp
+
+    monkeypatch.setattr(lp, "MIN_BUCKET_SAVING", 0.1)
+    assert [b.tolist() for b in lp.length_buckets(torch.tensor([5, 5, 5, 5]))] == [[0, 1, 2, 3]]
+    assert [b.tolist() for b in lp.length_buckets(torch.tensor([7]))] == [[0]]
+    # 6 short rows and 2 long ones: 6x3 + 2x12 = 42 positions instead of 8x12 = 96
+    buckets = lp.length_buckets(torch.tensor([3, 12, 2, 3, 12, 1, 3, 3]))
+    assert [sorted(b.tolist()) for b in buckets] == [[0, 2, 3, 5, 6, 7], [1, 4]]
+    # 200 positions at one bucket: one row of 1 saves 9 (< 10%: one bucket), four rows of 4 save 24
+    lengths = torch.full((20,), 10)
+    lengths[0] = 1
+    assert len(lp.length_buckets(lengths)) == 1
+    lengths[:4] = 4
+    assert [sorted(b.tolist()) for b in lp.length_buckets(lengths)] == [[0, 1, 2, 3], list(range(4, 20))]
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_length_buckets_give_the_one_bucket_logprobs_and_gradients(engine_and_model, ragged, monkeypatch):
+    """Running short and long responses apart changes only which padding is computed: log-probs,
+    entropies and gradients equal the one-bucket forward's up to float rounding (other matmul shapes)."""
+    from klbench.train import logprobs as lp
+
+    engine, model, tok = engine_and_model
+    batch = trim(engine.generate(prompts(tok, ragged), SamplingParams(n=4, max_new_tokens=12, seed=3)))
+    lengths = batch.response_mask.sum(1).long()
+    cut = lengths.clone()
+    cut[::3] = torch.clamp(lengths[::3] // 3, min=1)  # a third of the rows much shorter: a split pays
+    mask = (torch.arange(batch.response_ids.shape[1]) < cut[:, None]).to(batch.response_mask.dtype)
+    short = trim(type(batch)(batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask, batch.behaviour_logp,
+                             batch.group))
+    assert len(lp.length_buckets(short.response_mask.sum(1).long())) == 2
+
+    def run():
+        logp, ent = token_logprobs(model, short, with_entropy=True)
+        grads = torch.autograd.grad(logp.sum(), list(model.parameters()))
+        return logp.detach(), ent, grads
+
+    split = run()
+    monkeypatch.setattr(lp, "MIN_BUCKET_SAVING", 1.0)  # never split
+    assert len(lp.length_buckets(short.response_mask.sum(1).long())) == 1
+    whole = run()
+    torch.testing.assert_close(split[0], whole[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split[1], whole[1], atol=1e-5, rtol=1e-5)
+    assert (split[0][short.response_mask == 0] == 0).all()
+    for a, c in zip(split[2], whole[2]):
+        torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)

@@ -11,6 +11,7 @@ rollout batch of the benchmark's shape (16 prompts x G=8, at most 14 new tokens)
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from klbench.data import synthetic
 from klbench.models import load_causal_lm, load_tokenizer
 from klbench.rollout.base import SamplingParams
 from klbench.rollout.hf import HFEngine
+from klbench.train import logprobs
 from klbench.train.logprobs import token_logprobs, trim
 
 #: name -> (what the plain alternative does, predicted effect, the reasoning behind the prediction)
@@ -51,6 +53,13 @@ PREDICTED = {
     "gather_logsumexp": ("log_softmax over the vocabulary, then gather",
         "log-prob math (forward+backward) -20-40%, under 1% of the step",
         "one [N, R, V] tensor fewer written and read back"),
+    "length_buckets": (
+        "one response forward at the batch's longest response",
+        "scoring forward+backward -5-15% (1m), 0 at 25m/100m (no row stops early: one bucket)",
+        "written after a prototype A/B on this batch (forward -5%, forward+backward -11%, 1 thread): its "
+        "responses end at 7-11 tokens, so 16% of the one-bucket response positions are padding, and the "
+        "extra forward call is a few ms at 1m",
+    ),
     "small_attention": (
         "transformers' SDPA attention everywhere (model.attn_implementation=sdpa)",
         "scoring forward+backward -5-10% (1m), ~0-3% at 25m",
@@ -68,6 +77,17 @@ class Pair:
     name: str
     ours: Callable[[], object]
     plain: Callable[[], object]
+
+
+@contextlib.contextmanager
+def _min_bucket_saving(value: float):
+    """`logprobs.MIN_BUCKET_SAVING` set to `value` (1.0: every batch in one length bucket)."""
+    saved = logprobs.MIN_BUCKET_SAVING
+    logprobs.MIN_BUCKET_SAVING = value
+    try:
+        yield
+    finally:
+        logprobs.MIN_BUCKET_SAVING = saved
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -124,9 +144,9 @@ def build_pairs(model_dir: str, *, seed: int = 0) -> list[Pair]:
     ids = batch.input_ids()
     mask = batch.response_mask
 
-    def scored(b, grad: bool, on=model):
-        def run():
-            with torch.set_grad_enabled(grad):
+    def scored(b, grad: bool, on=model, buckets=False):
+        def run():  # one length bucket unless asked: the other pairs measure what they did before buckets
+            with torch.set_grad_enabled(grad), _min_bucket_saving(logprobs.MIN_BUCKET_SAVING if buckets else 1.0):
                 logp, _ = token_logprobs(on, b)
                 if grad:
                     (logp * mask).sum().backward()
@@ -162,6 +182,7 @@ def build_pairs(model_dir: str, *, seed: int = 0) -> list[Pair]:
     repeated = [p for p in prompts for _ in range(params.n)]
     one_each = SamplingParams(n=1, max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=seed)
     pairs = [
+        Pair("length_buckets", scored(batch, grad=True, buckets=True), scored(batch, grad=True)),
         Pair("shared_prompt_forward", scored(batch, grad=True), scored(unshared, grad=True)),
         Pair("small_attention", scored(batch, grad=True), scored(batch, grad=True, on=sdpa_model)),
         Pair("drop_finished_rows", lambda: engine.generate(prompts, params),
