@@ -60,12 +60,12 @@ def rows_in_order(pieces, values: list[torch.Tensor], width: int) -> torch.Tenso
 
 
 def length_buckets(lengths: torch.Tensor) -> list[torch.Tensor]:
-    """Rows grouped for the response forward: all rows together, or — when that saves at least
-    `MIN_BUCKET_SAVING` of the positions — the shorter and the longer rows apart, each bucket run at
+    """Rows grouped for the response forward: all rows together (always with several processes), or —
+    when that saves at least `MIN_BUCKET_SAVING` of the positions — the shorter and the longer rows apart, each bucket run at
     its own longest response instead of the batch's (no compute on padding that only the other
     bucket's rows need)."""
     n = len(lengths)
-    if n < 2:
+    if n < 2 or _distributed():
         return [torch.arange(n)]
     order = torch.argsort(lengths, stable=True)
     sorted_len = lengths[order]
@@ -76,6 +76,12 @@ def length_buckets(lengths: torch.Tensor) -> list[torch.Tensor]:
         return [torch.arange(n)]
     split = int(k[cost.argmin()])
     return [order[:split], order[split:]]
+
+
+def _distributed() -> bool:
+    """Several processes train together: each forward of a DDP or DeepSpeed model is a collective (buffer
+    broadcast, ZeRO-3 gathers), so every rank must make the same calls, and ranks' lengths differ."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 def _full_logits(model, batch: RolloutBatch, dev) -> torch.Tensor:
